@@ -1,0 +1,86 @@
+"""The X509-SVID profile meshtls issues, as a checker both sides use.
+
+The CA validates every certificate against it before recording or returning it; the
+sidecar validates what it receives before using it.
+"""
+
+from __future__ import annotations
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
+
+from meshtls.identity.x509 import CertificateError, spiffe_id_of
+
+MIN_SERIAL_BITS = 128
+# Leaves are backdated by this much so that peers whose clocks lag still accept them.
+BACKDATE_SECONDS = 30
+
+
+def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[str]:
+    """Every way `leaf` breaks the X509-SVID leaf profile under `issuer`; [] when none."""
+    problems: list[str] = []
+    ext = leaf.extensions
+
+    def get(oid: x509.ObjectIdentifier) -> x509.Extension[x509.ExtensionType] | None:
+        try:
+            return ext.get_extension_for_oid(oid)
+        except x509.ExtensionNotFound:
+            return None
+
+    try:
+        spiffe_id_of(leaf)
+    except CertificateError as exc:
+        problems.append(str(exc))
+    bc = get(ExtensionOID.BASIC_CONSTRAINTS)
+    if bc is None or not bc.critical or not isinstance(bc.value, x509.BasicConstraints):
+        problems.append("BasicConstraints must be present and critical")
+    elif bc.value.ca:
+        problems.append("a leaf must not be a CA")
+    ku = get(ExtensionOID.KEY_USAGE)
+    if ku is None or not ku.critical or not isinstance(ku.value, x509.KeyUsage):
+        problems.append("KeyUsage must be present and critical")
+    else:
+        if not ku.value.digital_signature:
+            problems.append("KeyUsage must include digitalSignature")
+        if ku.value.key_cert_sign or ku.value.crl_sign:
+            problems.append("a leaf's KeyUsage must not include keyCertSign or cRLSign")
+        is_rsa = isinstance(leaf.public_key(), rsa.RSAPublicKey)
+        if ku.value.key_encipherment and not is_rsa:
+            problems.append("keyEncipherment is only for RSA keys")
+    eku = get(ExtensionOID.EXTENDED_KEY_USAGE)
+    if eku is None or not isinstance(eku.value, x509.ExtendedKeyUsage):
+        problems.append("ExtendedKeyUsage must be present")
+    else:
+        usages = set(eku.value)
+        for need in (ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH):
+            if need not in usages:
+                problems.append(f"ExtendedKeyUsage must include {need._name}")
+    if get(ExtensionOID.SUBJECT_KEY_IDENTIFIER) is None:
+        problems.append("SubjectKeyIdentifier must be present")
+    aki = get(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
+    if aki is None or not isinstance(aki.value, x509.AuthorityKeyIdentifier):
+        problems.append("AuthorityKeyIdentifier must be present")
+    else:
+        issuer_ski = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest
+        if aki.value.key_identifier != issuer_ski:
+            problems.append("AuthorityKeyIdentifier does not match the issuer's key")
+    if leaf.serial_number.bit_length() < MIN_SERIAL_BITS - 8:
+        problems.append(f"serial number must carry at least {MIN_SERIAL_BITS} random bits")
+    if leaf.issuer != issuer.subject:
+        problems.append("issuer name does not match the issuing CA's subject")
+    if leaf.not_valid_after_utc > issuer.not_valid_after_utc:
+        problems.append("the leaf outlives its issuer")
+    if leaf.not_valid_before_utc >= leaf.not_valid_after_utc:
+        problems.append("NotBefore is not before NotAfter")
+    try:
+        leaf.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError) as exc:
+        problems.append(f"the signature does not verify with the issuer's key: {exc}")
+    return problems
+
+
+def validate_leaf(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
+    problems = profile_problems(leaf, issuer)
+    if problems:
+        raise CertificateError("certificate breaks the X509-SVID profile: " + "; ".join(problems))
