@@ -1,0 +1,3 @@
+from ca_server.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""Composition root: builds the CA from its config and starts/stops it in order.
+
+start: data dir -> KEK -> database (migrations) -> authorities (bootstrap on first start)
+-> keyring -> group-commit writer -> the CA's own server certificate -> gRPC servers.
+stop: health NOT_SERVING -> servers drain -> writer flushes -> database closes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+import meshtls
+from ca_server.api.admin import AdminServicer, ServerInfo, spiffe_id_admin, unix_socket_admin
+from ca_server.api.agent import AgentServicer
+from ca_server.api.server import (
+    ADMIN_SERVICE,
+    AGENT_SERVICE,
+    agent_credentials,
+    build_admin_server,
+    build_main_server,
+    enrollment_credentials,
+    mark_serving,
+)
+from ca_server.authority.kek import Kek, generate_kek_file, load_kek_env, load_kek_file
+from ca_server.authority.keyring import Keyring
+from ca_server.authority.material import bootstrap_authorities
+from ca_server.authority.upstream import load_upstream
+from ca_server.config import KEK_ENV, CAConfig
+from ca_server.db import migrate
+from ca_server.db.session import make_engine, redact_url
+from ca_server.db.store import Store
+from ca_server.domain import Authority
+from ca_server.errors import ConfigError
+from ca_server.metrics import CAMetrics
+from ca_server.services.audit import event, log_committed
+from ca_server.services.context import CAContext
+from ca_server.services.issuing import issue
+from ca_server.services.ratelimit import RateLimiter
+from ca_server.services.trust import TrustState
+from ca_server.services.writer import GroupCommitWriter
+from meshtls.clock import Clock, SystemClock, utc
+from meshtls.identity.ids import SpiffeId
+from meshtls.identity.pem import certs_to_pem
+
+log = logging.getLogger(__name__)
+
+SERVER_CERT_TTL = 24 * 3600.0
+
+
+def resolve_kek(config: CAConfig, environ: dict[str, str] | None = None) -> Kek:
+    """The KEK from --kek-file, else $MESHTLS_CA_KEK, else (only with --dev) a generated one."""
+    env = os.environ if environ is None else environ
+    if config.kek_file is not None:
+        return load_kek_file(config.kek_file)
+    if env.get(KEK_ENV):
+        return load_kek_env(env[KEK_ENV])
+    if config.dev:
+        path = config.dev_kek_path
+        if not path.exists():
+            generate_kek_file(path)
+            log.warning(
+                "DEV MODE: generated a key-encryption key at %s. Anyone who can read this file "
+                "and the database can read the CA keys. Never use --dev in production: pass "
+                "--kek-file or set %s",
+                path, KEK_ENV,
+                extra={"kek_file": str(path)},
+            )
+        else:
+            log.warning("DEV MODE: using the development KEK at %s", path)
+        return load_kek_file(path)
+    raise ConfigError(
+        "no key-encryption key: pass --kek-file FILE (32 random bytes, base64, mode 0600; "
+        "create one with `meshtls-ca kek generate FILE`) or set "
+        f"{KEK_ENV}; for a throwaway setup use --dev"
+    )
+
+
+@dataclass
+class BoundAddresses:
+    agent: str
+    enrollment: str
+    admin_socket: Path
+
+
+class CAServer:
+    def __init__(self, config: CAConfig, *, clock: Clock | None = None) -> None:
+        self.config = config
+        self.clock = clock or SystemClock()
+        self.metrics = CAMetrics()
+        self.ctx: CAContext | None = None
+        self.addresses: BoundAddresses | None = None
+        self._servers: list[grpc.aio.Server] = []
+        self._health: list = []  # type: ignore[type-arg]
+        self._store: Store | None = None
+        self._writer: GroupCommitWriter | None = None
+
+    def _prepare_store(self) -> Store:
+        url = self.config.effective_database_url
+        engine = make_engine(url)
+        if self.config.migrate_on_start:
+            applied = migrate.upgrade(engine)
+            if applied:
+                log.info("applied database migrations", extra={"revisions": applied})
+        else:
+            pending = migrate.pending_revisions(url)
+            if pending:
+                raise ConfigError(
+                    f"the database needs migrations {pending}: run `meshtls-ca db upgrade` "
+                    "(or allow migrate_on_start)"
+                )
+        return Store(engine)
+
+    def _load_authorities(self, store: Store, kek: Kek) -> list[Authority]:
+        with store.read() as tx:
+            existing = tx.list_authorities()
+        if existing:
+            return existing
+        now = self.clock.now()
+        if self.config.upstream is not None:
+            up = self.config.upstream
+            created = load_upstream(up.cert_file, up.key_file, up.chain_file, kek, now)
+        else:
+            created = bootstrap_authorities(
+                self.config.trust_domain,
+                root_ttl=self.config.root_ttl,
+                intermediate_ttl=self.config.intermediate_ttl,
+                now=now,
+                kek=kek,
+            )
+        events = [
+            event(now, "system", "authority.create", a.id, kind=a.kind, state=a.state,
+                  fingerprint=a.fingerprint_sha256, upstream=a.upstream,
+                  not_after=utc(a.not_after).isoformat())
+            for a in created
+        ]
+        with store.transaction() as tx:
+            for authority in created:
+                tx.add_authority(authority)
+            tx.add_audit_events(events)
+            tx.bump_bundle_version()
+        log_committed(events)
+        return created
+
+    async def _issue_server_certificate(self, ctx: CAContext) -> tuple[bytes, bytes]:
+        """The CA's own TLS certificate: an SVID for spiffe://<td>/meshtls/ca it signs itself."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        signer = ctx.trust.keyring.signer
+        now = self.clock.now()
+        issued = issue(
+            signer,
+            key.public_key(),
+            spiffe_id=SpiffeId.for_ca(self.config.trust_domain),
+            ttl_seconds=SERVER_CERT_TTL,
+            now=now,
+            kind="ca-server",
+            node_name="",
+            dns_names=self.config.server_dns_names,
+            ip_addresses=self.config.server_ip_addresses,
+        )
+        record = issued.record
+        audit = event(now, "system", "certificate.issue", record.serial, kind="ca-server",
+                      spiffe_id=record.spiffe_id, not_after=utc(record.not_after).isoformat())
+        await ctx.write(lambda tx: tx.add_certificates([record]), [audit])
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        return key_pem, certs_to_pem(issued.chain)
+
+    async def start(self) -> BoundAddresses:
+        config = self.config
+        config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        kek = resolve_kek(config)
+        store = self._prepare_store()
+        self._store = store
+        authorities = self._load_authorities(store, kek)
+        keyring = Keyring.from_authorities(authorities, kek)
+        now = self.clock.now()
+        with store.read() as tx:
+            version = tx.bundle_version()
+            revoked = tx.revoked_unexpired(now)
+        trust = TrustState(keyring, version, revoked)
+        writer = GroupCommitWriter(store)
+        writer.start()
+        self._writer = writer
+        ctx = CAContext(
+            config=config,
+            store=store,
+            writer=writer,
+            trust=trust,
+            clock=self.clock,
+            limiter=RateLimiter(config.rate_limit_per_node, config.rate_limit_burst, self.clock.now),
+            metrics=self.metrics,
+        )
+        self.ctx = ctx
+        self.metrics.revoked.set(len(revoked))
+        self.metrics.expiry_gauge(
+            lambda: [
+                (a.id, a.kind, a.state, a.not_after - self.clock.now())
+                for a in ctx.trust.keyring.authorities
+            ]
+        )
+        key_pem, chain_pem = await self._issue_server_certificate(ctx)
+        roots_pem = trust.snapshot.roots_pem
+
+        info = ServerInfo(
+            version=meshtls.__version__,
+            started_at=now,
+            agent_address="",
+            enrollment_address="",
+            database=redact_url(config.effective_database_url),
+        )
+        main, main_health = build_main_server(
+            AgentServicer(ctx),
+            AdminServicer(ctx, spiffe_id_admin(ctx), info),
+            max_message_bytes=config.max_message_bytes,
+        )
+        agent_port = main.add_secure_port(
+            str(config.listen), agent_credentials(key_pem, chain_pem, roots_pem)
+        )
+        enroll_port = main.add_secure_port(
+            str(config.enroll_listen), enrollment_credentials(key_pem, chain_pem)
+        )
+        if not agent_port or not enroll_port:
+            raise ConfigError(f"cannot listen on {config.listen} or {config.enroll_listen}")
+        admin, admin_health = build_admin_server(
+            AdminServicer(ctx, unix_socket_admin(ctx), info),
+            config.admin_socket_path,
+            max_message_bytes=config.max_message_bytes,
+        )
+        agent_address = f"{config.listen.host}:{agent_port}"
+        enroll_address = f"{config.enroll_listen.host}:{enroll_port}"
+        info.agent_address, info.enrollment_address = agent_address, enroll_address
+        await main.start()
+        await admin.start()
+        self._servers = [main, admin]
+        self._health = [main_health, admin_health]
+        await mark_serving(main_health, [AGENT_SERVICE, ADMIN_SERVICE])
+        await mark_serving(admin_health, [ADMIN_SERVICE])
+        self.addresses = BoundAddresses(agent_address, enroll_address, config.admin_socket_path)
+        log.info(
+            "meshtls CA serving",
+            extra={
+                "trust_domain": config.trust_domain,
+                "agent_address": agent_address,
+                "enrollment_address": enroll_address,
+                "admin_socket": str(config.admin_socket_path),
+                "database": info.database,
+                "kek_id": kek.id,
+            },
+        )
+        return self.addresses
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for health_servicer in self._health:
+            await health_servicer.enter_graceful_shutdown()
+        for server in self._servers:
+            await server.stop(grace)
+        self._servers, self._health = [], []
+        if self._writer is not None:
+            self._writer.stop()
+            self._writer = None
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        log.info("meshtls CA stopped")

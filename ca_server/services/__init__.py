@@ -1,0 +1,1 @@
+"""Domain services of the CA: what happens for each request, independent of gRPC."""

@@ -1,0 +1,64 @@
+"""The dependencies every CA service needs, built once by the composition root."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+from ca_server.config import CAConfig
+from ca_server.db.store import Store, Tx
+from ca_server.domain import AuditEvent
+from ca_server.metrics import CAMetrics
+from ca_server.services.audit import log_committed
+from ca_server.services.ratelimit import RateLimiter
+from ca_server.services.trust import TrustState
+from ca_server.services.writer import GroupCommitWriter
+from meshtls.clock import Clock
+
+T = TypeVar("T")
+
+
+@dataclass
+class CAContext:
+    config: CAConfig
+    store: Store
+    writer: GroupCommitWriter
+    trust: TrustState
+    clock: Clock
+    limiter: RateLimiter
+    metrics: CAMetrics
+
+    async def read(self, fn: Callable[[Tx], T]) -> T:
+        """Run `fn` in a read-only transaction on a worker thread."""
+
+        def run() -> T:
+            with self.store.read() as tx:
+                return fn(tx)
+
+        return await asyncio.to_thread(run)
+
+    async def write(self, fn: Callable[[Tx], T], events: list[AuditEvent]) -> T:
+        """Run `fn` and record `events` in one committed transaction, then log the events."""
+
+        def work(tx: Tx) -> T:
+            result = fn(tx)
+            if events:
+                tx.add_audit_events(events)
+            return result
+
+        result = await self.writer.submit(work)
+        log_committed(events)
+        return result
+
+    async def refresh_trust(self) -> None:
+        """Reload the bundle version and revocation list after a change and push them."""
+        now = self.clock.now()
+
+        def load(tx: Tx) -> tuple[int, list]:  # type: ignore[type-arg]
+            return tx.bundle_version(), tx.revoked_unexpired(now)
+
+        version, revoked = await self.read(load)
+        self.metrics.revoked.set(len(revoked))
+        self.trust.publish(version, revoked)

@@ -1,0 +1,91 @@
+"""Workload identities: a node lists the entries registered to it and signs a batch of CSRs
+for them in one call. A node gets exactly its own entries; anything else is refused and
+nothing of the batch is signed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ca_server.db.store import Tx
+from ca_server.domain import Entry
+from ca_server.errors import InvalidRequest, PermissionDenied
+from ca_server.services.audit import event
+from ca_server.services.context import CAContext
+from ca_server.services.issuing import Issued, issue, parse_csr
+from ca_server.services.nodes import AuthenticatedNode
+from meshtls.clock import utc
+from meshtls.identity.ids import SpiffeId
+
+
+@dataclass(frozen=True)
+class SignedIdentity:
+    entry: Entry
+    issued: Issued
+
+
+async def list_for_node(ctx: CAContext, caller: AuthenticatedNode) -> list[Entry]:
+    return await ctx.read(lambda tx: tx.entries_for_node(caller.name))
+
+
+async def sign_batch(
+    ctx: CAContext, caller: AuthenticatedNode, requests: Sequence[tuple[str, bytes]]
+) -> list[SignedIdentity]:
+    if not requests:
+        raise InvalidRequest("no CSR in the request")
+    limit = ctx.config.max_csrs_per_batch
+    if len(requests) > limit:
+        raise InvalidRequest(f"{len(requests)} CSRs in one call; at most {limit} are allowed")
+    entry_ids = [entry_id for entry_id, _ in requests]
+    if len(set(entry_ids)) != len(entry_ids):
+        raise InvalidRequest("the same entry appears more than once in the batch")
+    # Parse and verify every CSR before signing anything.
+    csrs = []
+    for entry_id, csr_der in requests:
+        try:
+            csrs.append(parse_csr(csr_der))
+        except InvalidRequest as exc:
+            raise InvalidRequest(f"entry {entry_id}: {exc.message}") from None
+    if len(requests) > 1:
+        ctx.limiter.check(f"node:{caller.name}", cost=len(requests) / 10)
+    entries = {e.id: e for e in await list_for_node(ctx, caller)}
+    missing = [entry_id for entry_id in entry_ids if entry_id not in entries]
+    if missing:
+        raise PermissionDenied(
+            f"entry {missing[0]} is not registered to node {caller.name} (or does not exist); "
+            "nothing was signed"
+        )
+    now = ctx.clock.now()
+    signer = ctx.trust.keyring.signer
+    signed = []
+    for (entry_id, _), csr in zip(requests, csrs, strict=True):
+        entry = entries[entry_id]
+        signed.append(
+            SignedIdentity(
+                entry,
+                issue(
+                    signer, csr.public_key(), spiffe_id=SpiffeId.parse(entry.spiffe_id),
+                    ttl_seconds=entry.ttl_seconds, now=now, kind="workload",
+                    node_name=caller.name, entry_id=entry.id, dns_names=entry.dns_names,
+                ),
+            )
+        )
+    records = [s.issued.record for s in signed]
+
+    def commit(tx: Tx) -> None:
+        node = tx.get_node(caller.name)
+        if node is None or node.status == "banned":
+            raise PermissionDenied(f"node {caller.name} is banned")
+        tx.add_certificates(records)
+
+    events = [
+        event(
+            now, str(caller.spiffe_id), "certificate.issue", r.serial,
+            kind="workload", spiffe_id=r.spiffe_id, node=caller.name, entry=r.entry_id,
+            not_after=utc(r.not_after).isoformat(),
+        )
+        for r in records
+    ]
+    await ctx.write(commit, events)
+    ctx.metrics.issued.labels("workload").inc(len(records))
+    return signed

@@ -1,0 +1,73 @@
+"""Turn a CSR into a signed, profile-checked certificate and the row that records it."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
+
+from ca_server.authority.signer import Signer
+from ca_server.domain import CertificateKind, CertificateRecord
+from ca_server.errors import InvalidRequest
+from meshtls.identity.ids import SpiffeId
+from meshtls.identity.x509 import CertificateError, fingerprint_sha256, load_csr, serial_hex
+
+
+@dataclass(frozen=True)
+class Issued:
+    cert: x509.Certificate
+    chain: tuple[x509.Certificate, ...]  # leaf first, then the issuing chain (no root)
+    record: CertificateRecord
+
+    @property
+    def chain_der(self) -> list[bytes]:
+        return [c.public_bytes(serialization.Encoding.DER) for c in self.chain]
+
+
+def parse_csr(csr: bytes) -> x509.CertificateSigningRequest:
+    try:
+        parsed, _ = load_csr(csr)
+    except CertificateError as exc:
+        raise InvalidRequest(str(exc)) from None
+    return parsed
+
+
+def issue(
+    signer: Signer,
+    public_key: CertificatePublicKeyTypes,
+    *,
+    spiffe_id: SpiffeId,
+    ttl_seconds: float,
+    now: float,
+    kind: CertificateKind,
+    node_name: str,
+    entry_id: str | None = None,
+    dns_names: Sequence[str] = (),
+    ip_addresses: Sequence[str] = (),
+) -> Issued:
+    """Sign for the identity the CA decided (a CSR contributes only its public key)."""
+    cert = signer.issue(
+        public_key,
+        spiffe_id,
+        ttl_seconds=int(ttl_seconds),
+        now=now,
+        dns_names=tuple(dns_names),
+        ip_addresses=tuple(ip_addresses),
+    )
+    record = CertificateRecord(
+        serial=serial_hex(cert),
+        spiffe_id=str(spiffe_id),
+        node_name=node_name,
+        kind=kind,
+        entry_id=entry_id,
+        fingerprint_sha256=fingerprint_sha256(cert),
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        issuer_id=signer.authority_id,
+        issued_at=now,
+    )
+    return Issued(cert, (cert, *signer.chain), record)

@@ -1,0 +1,213 @@
+"""Nodes: join tokens, enrollment, node-certificate renewal, and authenticating a node from
+the certificate it presented over mutual TLS."""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+from dataclasses import dataclass
+
+from cryptography import x509
+
+from ca_server.db.store import Tx
+from ca_server.domain import JoinToken, Node
+from ca_server.errors import InvalidRequest, PermissionDenied, Unauthenticated
+from ca_server.services.audit import event
+from ca_server.services.context import CAContext
+from ca_server.services.issuing import Issued, issue, parse_csr
+from meshtls.clock import utc
+from meshtls.identity.ids import InvalidSpiffeId, SpiffeId, validate_node_name
+from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
+
+TOKEN_BYTES = 32  # 256 bits of randomness
+TOKEN_PREFIX = "mjt_"
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def token_label(token_hash: str) -> str:
+    """What logs and audit rows may show of a token: a short prefix of its hash."""
+    return f"sha256:{token_hash[:12]}"
+
+
+@dataclass(frozen=True)
+class AuthenticatedNode:
+    name: str
+    spiffe_id: SpiffeId
+    serial: str
+    node: Node
+
+
+@dataclass(frozen=True)
+class Enrolled:
+    node_name: str
+    spiffe_id: SpiffeId
+    issued: Issued
+
+
+async def create_join_token(
+    ctx: CAContext, node_name: str, ttl_seconds: float | None, actor: str
+) -> tuple[str, JoinToken]:
+    try:
+        validate_node_name(node_name)
+    except InvalidSpiffeId as exc:
+        raise InvalidRequest(str(exc)) from None
+    ttl = ttl_seconds or ctx.config.join_token_ttl
+    if ttl > ctx.config.max_join_token_ttl:
+        raise InvalidRequest(
+            f"token TTL {ttl:.0f}s exceeds the maximum of {ctx.config.max_join_token_ttl:.0f}s"
+        )
+    token = TOKEN_PREFIX + secrets.token_urlsafe(TOKEN_BYTES)
+    now = ctx.clock.now()
+    record = JoinToken(hash_token(token), node_name, now, now + ttl)
+    audit = event(
+        now, actor, "token.create", node_name,
+        token=token_label(record.token_hash), expires_at=utc(record.expires_at).isoformat(),
+    )
+    await ctx.write(lambda tx: tx.add_join_token(record), [audit])
+    return token, record
+
+
+def check_token_usable(token: JoinToken | None, now: float) -> JoinToken:
+    if token is None:
+        raise Unauthenticated("join token is not known")
+    if token.used_at is not None:
+        raise Unauthenticated(f"join token was already used at {utc(token.used_at).isoformat()}")
+    if token.expires_at <= now:
+        raise Unauthenticated(f"join token expired at {utc(token.expires_at).isoformat()}")
+    return token
+
+
+async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrolled:
+    """Consume the token and issue the node certificate, atomically.
+
+    The token is consumed in the same transaction that records the certificate; if two
+    enrollments race on one token, the conditional update lets exactly one commit.
+    """
+    if not token:
+        raise Unauthenticated("a join token is required to enroll")
+    if len(token) > 256:
+        raise Unauthenticated("join token is not known")
+    csr = parse_csr(csr_der)
+    token_hash = hash_token(token)
+    ctx.limiter.check(f"enroll:{peer.rsplit(':', 1)[0]}")
+    now = ctx.clock.now()
+
+    def lookup(tx: Tx) -> tuple[JoinToken | None, Node | None]:
+        # A cheap read first, so an unusable token costs no signature; the write below
+        # consumes it atomically.
+        pending = tx.get_join_token(token_hash)
+        return pending, tx.get_node(pending.node_name) if pending else None
+
+    pending, existing = await ctx.read(lookup)
+    node_name = check_token_usable(pending, now).node_name
+    if existing is not None and existing.status == "banned":
+        raise PermissionDenied(f"node {node_name} is banned")
+    spiffe_id = SpiffeId.for_node(ctx.config.trust_domain, node_name)
+    issued = issue(
+        ctx.trust.keyring.signer, csr.public_key(), spiffe_id=spiffe_id, ttl_seconds=ctx.config.node_ttl,
+        now=now, kind="node", node_name=node_name,
+    )
+    record = issued.record
+
+    def commit(tx: Tx) -> None:
+        tx.consume_join_token(token_hash, now)
+        node = tx.get_node(node_name)
+        if node is not None and node.status == "banned":
+            raise PermissionDenied(f"node {node_name} is banned")
+        tx.upsert_node(
+            Node(
+                name=node_name,
+                spiffe_id=str(spiffe_id),
+                status="active",
+                current_serial=record.serial,
+                enrolled_at=now,
+                last_seen_at=now,
+                certificate_expires_at=record.not_after,
+            )
+        )
+        tx.add_certificates([record])
+
+    events = [
+        event(now, f"token:{token_label(token_hash)}", "token.use", node_name, peer=peer),
+        event(
+            now, str(spiffe_id), "certificate.issue", record.serial,
+            kind="node", spiffe_id=str(spiffe_id), node=node_name,
+            not_after=utc(record.not_after).isoformat(),
+        ),
+    ]
+    await ctx.write(commit, events)
+    ctx.metrics.issued.labels("node").inc()
+    return Enrolled(node_name, spiffe_id, issued)
+
+
+def parse_peer_certificate(pem: bytes | None, trust_domain: str) -> tuple[str, SpiffeId, str]:
+    """(node name, SPIFFE ID, serial) of a verified peer certificate, or Unauthenticated."""
+    if not pem:
+        raise Unauthenticated(
+            "this call needs the node certificate: connect to the agent listener with mutual TLS"
+        )
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        spiffe_id = spiffe_id_of(cert)
+    except (ValueError, CertificateError) as exc:
+        raise Unauthenticated(f"the client certificate is not a meshtls identity: {exc}") from None
+    name = spiffe_id.node_name
+    if spiffe_id.trust_domain != trust_domain or name is None:
+        raise Unauthenticated(
+            f"the client certificate identifies {spiffe_id}, not a node of {trust_domain}"
+        )
+    return name, spiffe_id, serial_hex(cert)
+
+
+async def authenticate(ctx: CAContext, peer_pem: bytes | None) -> AuthenticatedNode:
+    """The node behind a verified client certificate, if it may still act.
+
+    TLS already checked the chain and validity; here the CA checks that it issued this very
+    certificate as a node certificate, that it is not revoked, and that the node is not banned.
+    """
+    name, spiffe_id, serial = parse_peer_certificate(peer_pem, ctx.config.trust_domain)
+    ctx.limiter.check(f"node:{name}")
+
+    def load(tx: Tx) -> tuple[Node | None, bool, bool]:
+        record = tx.get_certificate(serial)
+        ok = record is not None and record.kind == "node" and record.node_name == name
+        revoked = record is not None and record.revoked_at is not None
+        return tx.get_node(name), ok, revoked
+
+    node, known, revoked = await ctx.read(load)
+    if node is None or not known:
+        raise Unauthenticated(f"the client certificate (serial {serial}) was not issued to {name}")
+    if node.status == "banned":
+        raise PermissionDenied(f"node {name} is banned")
+    if revoked:
+        raise Unauthenticated(f"the client certificate (serial {serial}) has been revoked")
+    return AuthenticatedNode(name, spiffe_id, serial, node)
+
+
+async def renew(ctx: CAContext, caller: AuthenticatedNode, csr_der: bytes) -> Issued:
+    csr = parse_csr(csr_der)
+    now = ctx.clock.now()
+    issued = issue(
+        ctx.trust.keyring.signer, csr.public_key(), spiffe_id=caller.spiffe_id,
+        ttl_seconds=ctx.config.node_ttl, now=now, kind="node", node_name=caller.name,
+    )
+    record = issued.record
+
+    def commit(tx: Tx) -> None:
+        node = tx.get_node(caller.name)
+        if node is None or node.status == "banned":
+            raise PermissionDenied(f"node {caller.name} is banned")
+        tx.add_certificates([record])
+        tx.set_node_certificate(caller.name, record.serial, record.not_after, now)
+
+    audit = event(
+        now, str(caller.spiffe_id), "certificate.issue", record.serial,
+        kind="node", spiffe_id=str(caller.spiffe_id), node=caller.name,
+        renewed_serial=caller.serial, not_after=utc(record.not_after).isoformat(),
+    )
+    await ctx.write(commit, [audit])
+    ctx.metrics.issued.labels("node").inc()
+    return issued
