@@ -45,7 +45,9 @@ class AdminClient:
     def connect(cls, args: argparse.Namespace) -> Iterator[AdminClient]:
         socket = args.admin_socket
         if socket is None:
-            data_dir = args.data_dir or Path(os.environ.get("MESHTLS_CA_DATA_DIR", DEFAULT_DATA_DIR))
+            data_dir = args.data_dir or Path(
+                os.environ.get("MESHTLS_CA_DATA_DIR", DEFAULT_DATA_DIR)
+            )
             socket = data_dir / "admin.sock"
         if not socket.exists():
             raise OSError(
@@ -71,7 +73,9 @@ def _json(message: Message | list[Message]) -> None:
 
 
 def _table(headers: list[str], rows: list[list[str]]) -> None:
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
     print("  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip())
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
@@ -88,6 +92,28 @@ def _pages(fetch: Callable[[str], Any], field: str) -> list[Any]:
             return items
 
 
+def _connection_flags() -> argparse.ArgumentParser:
+    """How an admin command finds the server; accepted after the action, where people type
+    them (`meshtls-ca entry list --data-dir DIR`)."""
+    flags = argparse.ArgumentParser(add_help=False)
+    flags.add_argument("--data-dir", type=Path, help="the CA's data dir (finds admin.sock)")
+    flags.add_argument("--admin-socket", type=Path, help="path of the admin Unix socket")
+    return flags
+
+
+class _WithConnectionFlags:
+    """A subparsers action whose every action parser also takes the connection flags."""
+
+    def __init__(self, actions: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+        self._actions = actions
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        parser: argparse.ArgumentParser = self._actions.add_parser(
+            name, parents=[_connection_flags()], **kwargs
+        )
+        return parser
+
+
 @dataclass
 class Command:
     help: str
@@ -98,13 +124,15 @@ class Command:
     flat: bool = False
 
     def register(self, sub: argparse._SubParsersAction, name: str) -> None:  # type: ignore[type-arg]
-        parser = sub.add_parser(name, help=self.help)
-        parser.add_argument("--data-dir", type=Path, help="the CA's data dir (finds admin.sock)")
-        parser.add_argument("--admin-socket", type=Path, help="path of the admin Unix socket")
         if self.flat:
-            self.build(parser)
+            self.build(sub.add_parser(name, help=self.help, parents=[_connection_flags()]))
         else:
-            self.build(parser.add_subparsers(dest="action", required=True, metavar="ACTION"))
+            parser = sub.add_parser(name, help=self.help)
+            self.build(
+                _WithConnectionFlags(
+                    parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+                )
+            )
 
     def run(self, client: AdminClient, args: argparse.Namespace) -> int:
         return self.execute(client, args)
@@ -125,8 +153,10 @@ def _run_token(client: AdminClient, args: argparse.Namespace) -> int:
         timeout=TIMEOUT,
     )
     print(answer.token)
-    print(f"token for node {answer.node_name}, single use, expires {_time(answer.expires_at)}",
-          file=sys.stderr)
+    print(
+        f"token for node {answer.node_name}, single use, expires {_time(answer.expires_at)}",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -139,8 +169,12 @@ def _build_entry(actions: argparse._SubParsersAction) -> None:  # type: ignore[t
     create.add_argument("--node", required=True)
     create.add_argument("--dns", action="append", default=[], help="DNS SAN (repeatable)")
     create.add_argument("--ttl", type=_duration, default=None, help="certificate lifetime (1h)")
-    create.add_argument("--selector", action="append", default=[],
-                        help="workload selector, e.g. unix:uid:1000 (repeatable)")
+    create.add_argument(
+        "--selector",
+        action="append",
+        default=[],
+        help="workload selector, e.g. unix:uid:1000 (repeatable)",
+    )
     create.add_argument("--json", action="store_true")
     listing = actions.add_parser("list", help="list registration entries")
     listing.add_argument("--node")
@@ -153,8 +187,10 @@ def _build_entry(actions: argparse._SubParsersAction) -> None:  # type: ignore[t
 def _entry_rows(entries: list[types_pb2.RegistrationEntry]) -> None:
     _table(
         ["id", "spiffe id", "node", "ttl", "dns"],
-        [[e.id, e.spiffe_id, e.node_name, f"{e.ttl_seconds}s", ",".join(e.dns_names) or "-"]
-         for e in entries],
+        [
+            [e.id, e.spiffe_id, e.node_name, f"{e.ttl_seconds}s", ",".join(e.dns_names) or "-"]
+            for e in entries
+        ],
     )
 
 
@@ -162,8 +198,11 @@ def _run_entry(client: AdminClient, args: argparse.Namespace) -> int:
     if args.action == "create":
         entry = client.stub.CreateEntry(
             admin_pb2.CreateEntryRequest(
-                spiffe_id=args.spiffe_id, node_name=args.node, dns_names=args.dns,
-                ttl_seconds=int(args.ttl or 0), selectors=args.selector,
+                spiffe_id=args.spiffe_id,
+                node_name=args.node,
+                dns_names=args.dns,
+                ttl_seconds=int(args.ttl or 0),
+                selectors=args.selector,
             ),
             timeout=TIMEOUT,
         )
@@ -171,8 +210,9 @@ def _run_entry(client: AdminClient, args: argparse.Namespace) -> int:
     elif args.action == "list":
         entries = _pages(
             lambda token: client.stub.ListEntries(
-                admin_pb2.ListEntriesRequest(node_name=args.node or "", spiffe_id=args.spiffe_id or "",
-                                             page_token=token),
+                admin_pb2.ListEntriesRequest(
+                    node_name=args.node or "", spiffe_id=args.spiffe_id or "", page_token=token
+                ),
                 timeout=TIMEOUT,
             ),
             "entries",
@@ -204,8 +244,9 @@ def _run_cert(client: AdminClient, args: argparse.Namespace) -> int:
     if args.action == "list":
         certs = _pages(
             lambda token: client.stub.ListCertificates(
-                admin_pb2.ListCertificatesRequest(node_name=args.node or "",
-                                                  spiffe_id=args.spiffe_id or "", page_token=token),
+                admin_pb2.ListCertificatesRequest(
+                    node_name=args.node or "", spiffe_id=args.spiffe_id or "", page_token=token
+                ),
                 timeout=TIMEOUT,
             ),
             "certificates",
@@ -215,20 +256,35 @@ def _run_cert(client: AdminClient, args: argparse.Namespace) -> int:
         else:
             _table(
                 ["serial", "spiffe id", "node", "kind", "status", "not after"],
-                [[c.serial, c.spiffe_id, c.node_name or "-", c.kind, c.status, _time(c.not_after)]
-                 for c in certs],
+                [
+                    [
+                        c.serial,
+                        c.spiffe_id,
+                        c.node_name or "-",
+                        c.kind,
+                        c.status,
+                        _time(c.not_after),
+                    ]
+                    for c in certs
+                ],
             )
     elif args.action == "show":
-        cert = client.stub.GetCertificate(admin_pb2.GetCertificateRequest(serial=args.serial),
-                                          timeout=TIMEOUT)
+        cert = client.stub.GetCertificate(
+            admin_pb2.GetCertificateRequest(serial=args.serial), timeout=TIMEOUT
+        )
         if args.json:
             _json(cert)
         else:
             for label, value in (
-                ("serial", cert.serial), ("spiffe id", cert.spiffe_id),
-                ("node", cert.node_name or "-"), ("kind", cert.kind), ("status", cert.status),
-                ("not before", _time(cert.not_before)), ("not after", _time(cert.not_after)),
-                ("sha256", cert.fingerprint_sha256), ("issuer sha256", cert.issuer_fingerprint_sha256),
+                ("serial", cert.serial),
+                ("spiffe id", cert.spiffe_id),
+                ("node", cert.node_name or "-"),
+                ("kind", cert.kind),
+                ("status", cert.status),
+                ("not before", _time(cert.not_before)),
+                ("not after", _time(cert.not_after)),
+                ("sha256", cert.fingerprint_sha256),
+                ("issuer sha256", cert.issuer_fingerprint_sha256),
             ):
                 print(f"{label + ':':<15}{value}")
             if cert.revocation_reason:
@@ -257,8 +313,9 @@ def _build_node(actions: argparse._SubParsersAction) -> None:  # type: ignore[ty
 def _run_node(client: AdminClient, args: argparse.Namespace) -> int:
     if args.action == "list":
         found = _pages(
-            lambda token: client.stub.ListNodes(admin_pb2.ListNodesRequest(page_token=token),
-                                                timeout=TIMEOUT),
+            lambda token: client.stub.ListNodes(
+                admin_pb2.ListNodesRequest(page_token=token), timeout=TIMEOUT
+            ),
             "nodes",
         )
         if args.json:
@@ -266,12 +323,21 @@ def _run_node(client: AdminClient, args: argparse.Namespace) -> int:
         else:
             _table(
                 ["name", "status", "serial", "cert expires", "last seen"],
-                [[n.name, n.status, n.current_serial or "-", _time(n.certificate_expires_at),
-                  _time(n.last_seen_at)] for n in found],
+                [
+                    [
+                        n.name,
+                        n.status,
+                        n.current_serial or "-",
+                        _time(n.certificate_expires_at),
+                        _time(n.last_seen_at),
+                    ]
+                    for n in found
+                ],
             )
     else:
-        node = client.stub.BanNode(admin_pb2.BanNodeRequest(name=args.name, reason=args.reason),
-                                   timeout=TIMEOUT)
+        node = client.stub.BanNode(
+            admin_pb2.BanNodeRequest(name=args.name, reason=args.reason), timeout=TIMEOUT
+        )
         print(f"banned node {node.name}; its certificates are revoked")
     return 0
 
@@ -287,8 +353,17 @@ def _build_authority(actions: argparse._SubParsersAction) -> None:  # type: igno
 def _authority_rows(authorities: list[admin_pb2.AuthorityRecord]) -> None:
     _table(
         ["id", "kind", "state", "upstream", "not after", "sha256"],
-        [[a.id, a.kind, a.state, "yes" if a.upstream else "no", _time(a.not_after),
-          a.fingerprint_sha256[:16]] for a in authorities],
+        [
+            [
+                a.id,
+                a.kind,
+                a.state,
+                "yes" if a.upstream else "no",
+                _time(a.not_after),
+                a.fingerprint_sha256[:16],
+            ]
+            for a in authorities
+        ],
     )
 
 
@@ -324,8 +399,10 @@ def _run_status(client: AdminClient, args: argparse.Namespace) -> int:
     print(f"enrollment:     {status.enrollment_address} (TLS)")
     print(f"database:       {status.database}")
     print(f"bundle version: {status.bundle_version}")
-    print(f"nodes: {status.nodes}  entries: {status.entries}  "
-          f"certificates valid: {status.certificates_valid}  revoked: {status.certificates_revoked}")
+    print(
+        f"nodes: {status.nodes}  entries: {status.entries}  "
+        f"certificates valid: {status.certificates_valid}  revoked: {status.certificates_revoked}"
+    )
     print()
     _authority_rows(list(status.authorities))
     for warning in status.warnings:

@@ -40,6 +40,7 @@ from ca_server.domain import Authority
 from ca_server.errors import ConfigError
 from ca_server.metrics import CAMetrics
 from ca_server.services.audit import event, log_committed
+from ca_server.services.cache import TtlCache
 from ca_server.services.context import CAContext
 from ca_server.services.issuing import issue
 from ca_server.services.ratelimit import RateLimiter
@@ -52,6 +53,9 @@ from meshtls.identity.pem import certs_to_pem
 log = logging.getLogger(__name__)
 
 SERVER_CERT_TTL = 24 * 3600.0
+# How long a node's authentication and entry list may be served from memory. Local bans,
+# revocations and entry changes clear them at once; another replica's, within this time.
+AUTH_CACHE_SECONDS = 2.0
 
 
 def resolve_kek(config: CAConfig, environ: dict[str, str] | None = None) -> Kek:
@@ -69,7 +73,8 @@ def resolve_kek(config: CAConfig, environ: dict[str, str] | None = None) -> Kek:
                 "DEV MODE: generated a key-encryption key at %s. Anyone who can read this file "
                 "and the database can read the CA keys. Never use --dev in production: pass "
                 "--kek-file or set %s",
-                path, KEK_ENV,
+                path,
+                KEK_ENV,
                 extra={"kek_file": str(path)},
             )
         else:
@@ -135,16 +140,23 @@ class CAServer:
                 kek=kek,
             )
         events = [
-            event(now, "system", "authority.create", a.id, kind=a.kind, state=a.state,
-                  fingerprint=a.fingerprint_sha256, upstream=a.upstream,
-                  not_after=utc(a.not_after).isoformat())
+            event(
+                now,
+                "system",
+                "authority.create",
+                a.id,
+                kind=a.kind,
+                state=a.state,
+                fingerprint=a.fingerprint_sha256,
+                upstream=a.upstream,
+                not_after=utc(a.not_after).isoformat(),
+            )
             for a in created
         ]
         with store.transaction() as tx:
             for authority in created:
                 tx.add_authority(authority)
             tx.add_audit_events(events)
-            tx.bump_bundle_version()
         log_committed(events)
         return created
 
@@ -165,8 +177,15 @@ class CAServer:
             ip_addresses=self.config.server_ip_addresses,
         )
         record = issued.record
-        audit = event(now, "system", "certificate.issue", record.serial, kind="ca-server",
-                      spiffe_id=record.spiffe_id, not_after=utc(record.not_after).isoformat())
+        audit = event(
+            now,
+            "system",
+            "certificate.issue",
+            record.serial,
+            kind="ca-server",
+            spiffe_id=record.spiffe_id,
+            not_after=utc(record.not_after).isoformat(),
+        )
         await ctx.write(lambda tx: tx.add_certificates([record]), [audit])
         key_pem = key.private_bytes(
             serialization.Encoding.PEM,
@@ -197,8 +216,12 @@ class CAServer:
             writer=writer,
             trust=trust,
             clock=self.clock,
-            limiter=RateLimiter(config.rate_limit_per_node, config.rate_limit_burst, self.clock.now),
+            limiter=RateLimiter(
+                config.rate_limit_per_node, config.rate_limit_burst, self.clock.now
+            ),
             metrics=self.metrics,
+            auth_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
+            entries_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
         )
         self.ctx = ctx
         self.metrics.revoked.set(len(revoked))

@@ -34,19 +34,30 @@ def _server_flags(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="meshtls-ca", description="The meshtls certificate authority")
+    parser = argparse.ArgumentParser(
+        prog="meshtls-ca", description="The meshtls certificate authority"
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     serve = sub.add_parser("serve", help="run the CA")
     _server_flags(serve)
     serve.add_argument("--listen", help="agent listener HOST:PORT (mTLS), default 127.0.0.1:8443")
-    serve.add_argument("--enroll-listen", help="enrollment listener HOST:PORT (TLS), default 127.0.0.1:8444")
+    serve.add_argument(
+        "--enroll-listen", help="enrollment listener HOST:PORT (TLS), default 127.0.0.1:8444"
+    )
     serve.add_argument("--http-listen", help="/healthz /readyz /metrics HOST:PORT or 'off'")
     serve.add_argument("--kek-file", type=Path, help="key-encryption key file (base64, mode 0600)")
-    serve.add_argument("--dev", action="store_true", default=None,
-                       help="development mode: generate a KEK in the data dir if none is given")
-    serve.add_argument("--no-migrate", action="store_true",
-                       help="refuse to start on pending migrations instead of applying them")
+    serve.add_argument(
+        "--dev",
+        action="store_true",
+        default=None,
+        help="development mode: generate a KEK in the data dir if none is given",
+    )
+    serve.add_argument(
+        "--no-migrate",
+        action="store_true",
+        help="refuse to start on pending migrations instead of applying them",
+    )
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
     serve.add_argument("--log-level", default="info")
 
@@ -110,15 +121,19 @@ def _run(args: argparse.Namespace) -> int:
         config = _config_from(args)
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         applied = migrate.upgrade(config.effective_database_url)
-        print(f"applied {len(applied)} migration(s)" + (f": {', '.join(applied)}" if applied else
-              "; the database is up to date"))
+        print(
+            f"applied {len(applied)} migration(s)"
+            + (f": {', '.join(applied)}" if applied else "; the database is up to date")
+        )
         return EXIT_OK
     if args.command == "kek":
         from ca_server.authority.kek import generate_kek_file
 
         generate_kek_file(args.path)
-        print(f"wrote a new key-encryption key to {args.path} (mode 0600); keep a copy safe: "
-              "without it the CA keys in the database cannot be read")
+        print(
+            f"wrote a new key-encryption key to {args.path} (mode 0600); keep a copy safe: "
+            "without it the CA keys in the database cannot be read"
+        )
         return EXIT_OK
     spec = COMMANDS[args.command]
     with AdminClient.connect(args) as client:
@@ -141,8 +156,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code() if hasattr(exc, "code") else None
         details = exc.details() if hasattr(exc, "details") else str(exc)
         if code == grpc.StatusCode.UNAVAILABLE:
-            print(f"meshtls-ca: cannot reach the CA ({details}); is `meshtls-ca serve` running "
-                  "with this --data-dir / --admin-socket?", file=sys.stderr)
+            print(
+                f"meshtls-ca: cannot reach the CA ({details}); is `meshtls-ca serve` running "
+                "with this --data-dir / --admin-socket?",
+                file=sys.stderr,
+            )
         else:
             print(f"meshtls-ca: {details} [{code.name if code else 'error'}]", file=sys.stderr)
         return EXIT_FAILED
@@ -151,6 +169,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return EXIT_OK
     except OSError as exc:
         print(f"meshtls-ca: {exc}", file=sys.stderr)
         return EXIT_FAILED

@@ -69,7 +69,8 @@ class CAConfig:
     migrate_on_start: bool = True
     kek_file: Path | None = None
     dev: bool = False
-    server_dns_names: tuple[str, ...] = ("localhost",)
+    # DNS names clients use to reach the CA; its certificate always carries the IPs below.
+    server_dns_names: tuple[str, ...] = ()
     server_ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
     root_ttl: float = 10 * 365 * 86400
     intermediate_ttl: float = 30 * 86400

@@ -30,6 +30,9 @@ class Node:
     enrolled_at: float
     last_seen_at: float | None
     certificate_expires_at: float | None
+    # A renewed node certificate the node has not used yet. Until it does, the current one
+    # stays valid, so a renewal whose reply was lost cannot lock the node out.
+    pending_serial: str | None = None
 
 
 @dataclass(frozen=True)

@@ -33,11 +33,13 @@ class CAMetrics:
             registry=self.registry,
         )
         self.watchers = Gauge(
-            "meshtls_ca_watch_streams", "Open Watch streams (connected sidecars)",
+            "meshtls_ca_watch_streams",
+            "Open Watch streams (connected sidecars)",
             registry=self.registry,
         )
         self.revoked = Gauge(
-            "meshtls_ca_revocation_list_size", "Unexpired revoked certificates",
+            "meshtls_ca_revocation_list_size",
+            "Unexpired revoked certificates",
             registry=self.registry,
         )
 

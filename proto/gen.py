@@ -40,8 +40,13 @@ def generate(out_dir: Path) -> list[Path]:
         f"--mypy_grpc_out={out_dir}",
         *[str(s) for s in sources],
     ]
-    subprocess.run(cmd, check=True)
-    return sorted(p for p in (out_dir / "meshtls" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES))
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stdout + done.stderr)
+        raise SystemExit(f"protoc failed with exit code {done.returncode}")
+    return sorted(
+        p for p in (out_dir / "meshtls" / "v1").iterdir() if p.name.endswith(GENERATED_SUFFIXES)
+    )
 
 
 def committed_files() -> list[Path]:
@@ -49,7 +54,9 @@ def committed_files() -> list[Path]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--check", action="store_true", help="fail if the committed code is stale")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
@@ -57,10 +64,19 @@ def main() -> int:
         if args.check:
             stale = sorted(
                 {p.name for p in fresh} ^ {p.name for p in committed_files()}
-                | {p.name for p in fresh if not (PACKAGE_DIR / p.name).exists() or not filecmp.cmp(p, PACKAGE_DIR / p.name, shallow=False)}
+                | {
+                    p.name
+                    for p in fresh
+                    if not (PACKAGE_DIR / p.name).exists()
+                    or not filecmp.cmp(p, PACKAGE_DIR / p.name, shallow=False)
+                }
             )
             if stale:
-                print("generated code is stale; run `python proto/gen.py`:", ", ".join(stale), file=sys.stderr)
+                print(
+                    "generated code is stale; run `python proto/gen.py`:",
+                    ", ".join(stale),
+                    file=sys.stderr,
+                )
                 return 1
             print("generated code is up to date")
             return 0

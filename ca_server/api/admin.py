@@ -13,7 +13,7 @@ from cryptography import x509
 from ca_server.api import convert
 from ca_server.api.agent import peer_certificate
 from ca_server.api.errors import rpc
-from ca_server.db.store import Tx
+from ca_server.db.tx import Tx
 from ca_server.errors import InvalidRequest, PermissionDenied, Unauthenticated
 from ca_server.metrics import CAMetrics
 from ca_server.services import admin, nodes
@@ -56,7 +56,9 @@ def spiffe_id_admin(ctx: CAContext) -> Authorizer:
             cert = x509.load_pem_x509_certificate(pem)
             caller = str(spiffe_id_of(cert))
         except (ValueError, CertificateError) as exc:
-            raise Unauthenticated(f"the client certificate is not a SPIFFE identity: {exc}") from None
+            raise Unauthenticated(
+                f"the client certificate is not a SPIFFE identity: {exc}"
+            ) from None
         if caller not in allowed:
             raise PermissionDenied(f"{caller} is not an admin")
         record = await ctx.read(lambda tx: tx.get_certificate(serial_hex(cert)))
@@ -77,7 +79,9 @@ def _decode_page(token: str) -> str | None:
     try:
         return base64.urlsafe_b64decode(token.encode()).decode()
     except (ValueError, UnicodeDecodeError):
-        raise InvalidRequest("page_token is not valid; pass the next_page_token of an answer") from None
+        raise InvalidRequest(
+            "page_token is not valid; pass the next_page_token of an answer"
+        ) from None
 
 
 def _metrics(servicer: AdminServicer) -> CAMetrics:
@@ -91,7 +95,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._info = info
 
     @rpc(_metrics)
-    async def CreateJoinToken(  # noqa: N802
+    async def CreateJoinToken(
         self, request: admin_pb2.CreateJoinTokenRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CreateJoinTokenResponse:
         actor = await self._authorize(context)
@@ -103,7 +107,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @rpc(_metrics)
-    async def CreateEntry(  # noqa: N802
+    async def CreateEntry(
         self, request: admin_pb2.CreateEntryRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.RegistrationEntry:
         actor = await self._authorize(context)
@@ -119,7 +123,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return convert.entry(entry)
 
     @rpc(_metrics)
-    async def ListEntries(  # noqa: N802
+    async def ListEntries(
         self, request: admin_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListEntriesResponse:
         await self._authorize(context)
@@ -140,7 +144,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @rpc(_metrics)
-    async def DeleteEntry(  # noqa: N802
+    async def DeleteEntry(
         self, request: admin_pb2.DeleteEntryRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DeleteEntryResponse:
         actor = await self._authorize(context)
@@ -151,7 +155,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return {a.id: a.fingerprint_sha256 for a in self.ctx.trust.keyring.authorities}
 
     @rpc(_metrics)
-    async def ListCertificates(  # noqa: N802
+    async def ListCertificates(
         self, request: admin_pb2.ListCertificatesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListCertificatesResponse:
         await self._authorize(context)
@@ -174,7 +178,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @rpc(_metrics)
-    async def GetCertificate(  # noqa: N802
+    async def GetCertificate(
         self, request: admin_pb2.GetCertificateRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CertificateRecord:
         await self._authorize(context)
@@ -185,7 +189,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @rpc(_metrics)
-    async def RevokeCertificate(  # noqa: N802
+    async def RevokeCertificate(
         self, request: admin_pb2.RevokeCertificateRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.CertificateRecord:
         actor = await self._authorize(context)
@@ -193,7 +197,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return convert.certificate(record, self.ctx.clock.now())
 
     @rpc(_metrics)
-    async def ListNodes(  # noqa: N802
+    async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
         await self._authorize(context)
@@ -207,7 +211,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         )
 
     @rpc(_metrics)
-    async def BanNode(  # noqa: N802
+    async def BanNode(
         self, request: admin_pb2.BanNodeRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.NodeRecord:
         actor = await self._authorize(context)
@@ -215,7 +219,7 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return convert.node(node)
 
     @rpc(_metrics)
-    async def ListAuthorities(  # noqa: N802
+    async def ListAuthorities(
         self, request: admin_pb2.ListAuthoritiesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListAuthoritiesResponse:
         await self._authorize(context)
@@ -223,14 +227,14 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         return admin_pb2.ListAuthoritiesResponse(authorities=[convert.authority(a) for a in found])
 
     @rpc(_metrics)
-    async def GetTrustBundle(  # noqa: N802
+    async def GetTrustBundle(
         self, request: types_pb2.GetTrustBundleRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.TrustBundle:
         await self._authorize(context)
         return convert.bundle(self.ctx.config.trust_domain, self.ctx.trust.snapshot)
 
     @rpc(_metrics)
-    async def GetStatus(  # noqa: N802
+    async def GetStatus(
         self, request: admin_pb2.GetStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.StatusResponse:
         await self._authorize(context)

@@ -40,7 +40,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return convert.bundle(self.ctx.config.trust_domain, self.ctx.trust.snapshot)
 
     @rpc(_metrics)
-    async def Enroll(  # noqa: N802
+    async def Enroll(
         self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.EnrollResponse:
         enrolled = await nodes.enroll(self.ctx, request.join_token, request.csr, context.peer())
@@ -52,7 +52,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
     @rpc(_metrics)
-    async def RenewNode(  # noqa: N802
+    async def RenewNode(
         self, request: agent_pb2.RenewNodeRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.RenewNodeResponse:
         caller = await self._caller(context)
@@ -63,7 +63,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
     @rpc(_metrics)
-    async def ListIdentities(  # noqa: N802
+    async def ListIdentities(
         self, request: agent_pb2.ListIdentitiesRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.ListIdentitiesResponse:
         caller = await self._caller(context)
@@ -71,7 +71,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         return agent_pb2.ListIdentitiesResponse(entries=[convert.entry(e) for e in entries])
 
     @rpc(_metrics)
-    async def SignIdentities(  # noqa: N802
+    async def SignIdentities(
         self, request: agent_pb2.SignIdentitiesRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.SignIdentitiesResponse:
         caller = await self._caller(context)
@@ -92,12 +92,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         )
 
     @rpc(_metrics)
-    async def GetTrustBundle(  # noqa: N802
+    async def GetTrustBundle(
         self, request: types_pb2.GetTrustBundleRequest, context: grpc.aio.ServicerContext
     ) -> types_pb2.TrustBundle:
         return self._bundle()
 
-    async def Watch(  # noqa: N802
+    async def Watch(
         self, request: agent_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.TrustSnapshot]:
         try:

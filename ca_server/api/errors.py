@@ -42,7 +42,9 @@ Resp = TypeVar("Resp")
 Handler = Callable[[Any, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
 
 
-def rpc(metrics_of: Callable[[Any], CAMetrics]) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
+def rpc(
+    metrics_of: Callable[[Any], CAMetrics],
+) -> Callable[[Handler[Req, Resp]], Handler[Req, Resp]]:
     """Wrap a unary servicer method: latency and failure metrics, CAError -> status, and an
     opaque INTERNAL (with a request id that is also logged) for anything unexpected."""
 
@@ -60,8 +62,12 @@ def rpc(metrics_of: Callable[[Any], CAMetrics]) -> Callable[[Handler[Req, Resp]]
                 metrics.failures.labels(method, code.name).inc()
                 log.info(
                     "request refused",
-                    extra={"method": method, "code": code.name, "reason": exc.message,
-                           "peer": context.peer()},
+                    extra={
+                        "method": method,
+                        "code": code.name,
+                        "reason": exc.message,
+                        "peer": context.peer(),
+                    },
                 )
                 if exc.retry_after is not None:
                     context.set_trailing_metadata(((RETRY_AFTER_KEY, f"{exc.retry_after:.3f}"),))

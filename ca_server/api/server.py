@@ -13,7 +13,7 @@ from grpc_reflection.v1alpha import reflection
 
 from ca_server.api.admin import AdminServicer
 from ca_server.api.agent import AgentServicer
-from meshtls.v1 import admin_pb2, agent_pb2, admin_pb2_grpc, agent_pb2_grpc
+from meshtls.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc
 
 AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
@@ -29,7 +29,9 @@ def _options(max_message_bytes: int) -> list[tuple[str, int]]:
     ]
 
 
-def _add_health_and_reflection(server: grpc.aio.Server, services: list[str]) -> health.aio.HealthServicer:
+def _add_health_and_reflection(
+    server: grpc.aio.Server, services: list[str]
+) -> health.aio.HealthServicer:
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(

@@ -7,7 +7,7 @@ import re
 import uuid
 from collections.abc import Sequence
 
-from ca_server.db.store import Tx
+from ca_server.db.tx import Tx
 from ca_server.domain import AuditEvent, CertificateRecord, Entry, Node
 from ca_server.errors import InvalidRequest, NotFound
 from ca_server.services.audit import event, log_committed
@@ -67,7 +67,9 @@ async def create_entry(
         )
     for selector in selectors:
         if not _SELECTOR.match(selector):
-            raise InvalidRequest(f"selector {selector!r} must look like type:value, e.g. unix:uid:1000")
+            raise InvalidRequest(
+                f"selector {selector!r} must look like type:value, e.g. unix:uid:1000"
+            )
     entry = Entry(
         id=uuid.uuid4().hex,
         spiffe_id=str(parsed),
@@ -78,11 +80,18 @@ async def create_entry(
         created_at=ctx.clock.now(),
     )
     audit = event(
-        entry.created_at, actor, "entry.create", entry.id,
-        spiffe_id=entry.spiffe_id, node=node_name, dns_names=list(entry.dns_names),
-        ttl_seconds=ttl, selectors=list(entry.selectors),
+        entry.created_at,
+        actor,
+        "entry.create",
+        entry.id,
+        spiffe_id=entry.spiffe_id,
+        node=node_name,
+        dns_names=list(entry.dns_names),
+        ttl_seconds=ttl,
+        selectors=list(entry.selectors),
     )
     await ctx.write(lambda tx: tx.add_entry(entry), [audit])
+    ctx.entries_cache.discard(node_name)
     return entry
 
 
@@ -90,7 +99,9 @@ async def delete_entry(ctx: CAContext, entry_id: str, actor: str) -> Entry:
     if not entry_id:
         raise InvalidRequest("an entry id is required")
     audit = event(ctx.clock.now(), actor, "entry.delete", entry_id)
-    return await ctx.write(lambda tx: tx.delete_entry(entry_id), [audit])
+    deleted = await ctx.write(lambda tx: tx.delete_entry(entry_id), [audit])
+    ctx.entries_cache.discard(deleted.node_name)
+    return deleted
 
 
 def _serial(text: str) -> str:
@@ -115,14 +126,10 @@ async def revoke_certificate(
     reason = (reason or "unspecified")[:200]
     now = ctx.clock.now()
 
-    def work(tx: Tx) -> CertificateRecord:
-        record = tx.revoke_certificate(normalized, now, reason)
-        if record.revoked_at == now:
-            tx.bump_bundle_version()
-        return record
-
     audit = event(now, actor, "certificate.revoke", normalized, reason=reason)
-    record = await ctx.write(work, [audit])
+    # The store bumps the trust-bundle version in the same transaction when it revokes.
+    record = await ctx.write(lambda tx: tx.revoke_certificate(normalized, now, reason), [audit])
+    ctx.auth_cache.discard(normalized)
     await ctx.refresh_trust()
     return record
 
@@ -142,10 +149,11 @@ async def ban_node(ctx: CAContext, name: str, reason: str, actor: str) -> Node:
             event(now, actor, "certificate.revoke", s, reason="node banned") for s in serials
         ]
         tx.add_audit_events(revocations)
-        tx.bump_bundle_version()
         return node
 
     node = await ctx.write(work, [event(now, actor, "node.ban", name, reason=reason)])
     log_committed(revocations)
+    ctx.auth_cache.clear()
+    ctx.entries_cache.discard(name)
     await ctx.refresh_trust()
     return node

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ca_server.config import CAConfig
-from ca_server.db.store import Store, Tx
-from ca_server.domain import AuditEvent
+from ca_server.db.store import Store
+from ca_server.db.tx import Tx
+from ca_server.domain import AuditEvent, CertificateRecord
 from ca_server.metrics import CAMetrics
 from ca_server.services.audit import log_committed
+from ca_server.services.cache import TtlCache
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
 from ca_server.services.writer import GroupCommitWriter
@@ -29,6 +31,10 @@ class CAContext:
     clock: Clock
     limiter: RateLimiter
     metrics: CAMetrics
+    # serial of a node certificate -> the node it authenticates (see services.nodes)
+    auth_cache: TtlCache[str, Any]
+    # node name -> its registration entries
+    entries_cache: TtlCache[str, Any]
 
     async def read(self, fn: Callable[[Tx], T]) -> T:
         """Run `fn` in a read-only transaction on a worker thread."""
@@ -51,6 +57,15 @@ class CAContext:
         result = await self.writer.submit(work)
         log_committed(events)
         return result
+
+    async def record_issuance(
+        self, node_name: str, records: list[CertificateRecord], events: list[AuditEvent]
+    ) -> None:
+        """Commit issued certificates and their audit events (batched across requests)."""
+        from ca_server.services.issuing import RecordIssuance
+
+        await self.writer.submit(RecordIssuance(node_name, tuple(records), tuple(events)))
+        log_committed(events)
 
     async def refresh_trust(self) -> None:
         """Reload the bundle version and revocation list after a change and push them."""

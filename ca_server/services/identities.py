@@ -7,7 +7,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ca_server.db.store import Tx
 from ca_server.domain import Entry
 from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.audit import event
@@ -25,7 +24,11 @@ class SignedIdentity:
 
 
 async def list_for_node(ctx: CAContext, caller: AuthenticatedNode) -> list[Entry]:
-    return await ctx.read(lambda tx: tx.entries_for_node(caller.name))
+    cached: list[Entry] | None = ctx.entries_cache.get(caller.name)
+    if cached is None:
+        cached = await ctx.read(lambda tx: tx.entries_for_node(caller.name))
+        ctx.entries_cache.put(caller.name, cached)
+    return cached
 
 
 async def sign_batch(
@@ -64,28 +67,33 @@ async def sign_batch(
             SignedIdentity(
                 entry,
                 issue(
-                    signer, csr.public_key(), spiffe_id=SpiffeId.parse(entry.spiffe_id),
-                    ttl_seconds=entry.ttl_seconds, now=now, kind="workload",
-                    node_name=caller.name, entry_id=entry.id, dns_names=entry.dns_names,
+                    signer,
+                    csr.public_key(),
+                    spiffe_id=SpiffeId.parse(entry.spiffe_id),
+                    ttl_seconds=entry.ttl_seconds,
+                    now=now,
+                    kind="workload",
+                    node_name=caller.name,
+                    entry_id=entry.id,
+                    dns_names=entry.dns_names,
                 ),
             )
         )
     records = [s.issued.record for s in signed]
-
-    def commit(tx: Tx) -> None:
-        node = tx.get_node(caller.name)
-        if node is None or node.status == "banned":
-            raise PermissionDenied(f"node {caller.name} is banned")
-        tx.add_certificates(records)
-
     events = [
         event(
-            now, str(caller.spiffe_id), "certificate.issue", r.serial,
-            kind="workload", spiffe_id=r.spiffe_id, node=caller.name, entry=r.entry_id,
+            now,
+            str(caller.spiffe_id),
+            "certificate.issue",
+            r.serial,
+            kind="workload",
+            spiffe_id=r.spiffe_id,
+            node=caller.name,
+            entry=r.entry_id,
             not_after=utc(r.not_after).isoformat(),
         )
         for r in records
     ]
-    await ctx.write(commit, events)
+    await ctx.record_issuance(caller.name, records, events)
     ctx.metrics.issued.labels("workload").inc(len(records))
     return signed

@@ -10,8 +10,10 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca_server.authority.signer import Signer
-from ca_server.domain import CertificateKind, CertificateRecord
-from ca_server.errors import InvalidRequest
+from ca_server.db.tx import Tx
+from ca_server.domain import AuditEvent, CertificateKind, CertificateRecord
+from ca_server.errors import InvalidRequest, PermissionDenied
+from ca_server.services.writer import Refused
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.x509 import CertificateError, fingerprint_sha256, load_csr, serial_hex
 
@@ -25,6 +27,30 @@ class Issued:
     @property
     def chain_der(self) -> list[bytes]:
         return [c.public_bytes(serialization.Encoding.DER) for c in self.chain]
+
+
+@dataclass(frozen=True)
+class RecordIssuance:
+    """The rows of one issuing request, written by the group-commit writer together with
+    those of every other request waiting at that moment. A request for a node that is
+    banned by then is refused and writes nothing."""
+
+    node_name: str
+    records: tuple[CertificateRecord, ...]
+    events: tuple[AuditEvent, ...]
+
+    @classmethod
+    def run_batch(cls, tx: Tx, items: list[RecordIssuance]) -> list[Refused | None]:
+        banned = tx.banned_nodes(i.node_name for i in items if i.node_name)
+        kept = [i for i in items if i.node_name not in banned]
+        tx.add_certificates([r for i in kept for r in i.records])
+        tx.add_audit_events([e for i in kept for e in i.events])
+        return [
+            Refused(PermissionDenied(f"node {i.node_name} is banned"))
+            if i.node_name in banned
+            else None
+            for i in items
+        ]
 
 
 def parse_csr(csr: bytes) -> x509.CertificateSigningRequest:

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from ca_server.db.store import Tx
-from ca_server.domain import JoinToken, Node
+from ca_server.db.tx import Tx
+from ca_server.domain import CertificateRecord, JoinToken, Node
 from ca_server.errors import InvalidRequest, PermissionDenied, Unauthenticated
 from ca_server.services.audit import event
 from ca_server.services.context import CAContext
@@ -20,7 +20,7 @@ from meshtls.identity.ids import InvalidSpiffeId, SpiffeId, validate_node_name
 from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
 
 TOKEN_BYTES = 32  # 256 bits of randomness
-TOKEN_PREFIX = "mjt_"
+TOKEN_PREFIX = "mjt_"  # noqa: S105 - a public prefix, not a secret
 
 
 def hash_token(token: str) -> str:
@@ -63,8 +63,12 @@ async def create_join_token(
     now = ctx.clock.now()
     record = JoinToken(hash_token(token), node_name, now, now + ttl)
     audit = event(
-        now, actor, "token.create", node_name,
-        token=token_label(record.token_hash), expires_at=utc(record.expires_at).isoformat(),
+        now,
+        actor,
+        "token.create",
+        node_name,
+        token=token_label(record.token_hash),
+        expires_at=utc(record.expires_at).isoformat(),
     )
     await ctx.write(lambda tx: tx.add_join_token(record), [audit])
     return token, record
@@ -107,8 +111,13 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
         raise PermissionDenied(f"node {node_name} is banned")
     spiffe_id = SpiffeId.for_node(ctx.config.trust_domain, node_name)
     issued = issue(
-        ctx.trust.keyring.signer, csr.public_key(), spiffe_id=spiffe_id, ttl_seconds=ctx.config.node_ttl,
-        now=now, kind="node", node_name=node_name,
+        ctx.trust.keyring.signer,
+        csr.public_key(),
+        spiffe_id=spiffe_id,
+        ttl_seconds=ctx.config.node_ttl,
+        now=now,
+        kind="node",
+        node_name=node_name,
     )
     record = issued.record
 
@@ -133,8 +142,13 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
     events = [
         event(now, f"token:{token_label(token_hash)}", "token.use", node_name, peer=peer),
         event(
-            now, str(spiffe_id), "certificate.issue", record.serial,
-            kind="node", spiffe_id=str(spiffe_id), node=node_name,
+            now,
+            str(spiffe_id),
+            "certificate.issue",
+            record.serial,
+            kind="node",
+            spiffe_id=str(spiffe_id),
+            node=node_name,
             not_after=utc(record.not_after).isoformat(),
         ),
     ]
@@ -166,33 +180,73 @@ async def authenticate(ctx: CAContext, peer_pem: bytes | None) -> AuthenticatedN
     """The node behind a verified client certificate, if it may still act.
 
     TLS already checked the chain and validity; here the CA checks that it issued this very
-    certificate as a node certificate, that it is not revoked, and that the node is not banned.
+    certificate as the node's current one (or the renewed one, which then becomes current),
+    that it is not revoked, and that the node is not banned. Answers are cached for a few
+    seconds; local bans and revocations clear them at once.
     """
     name, spiffe_id, serial = parse_peer_certificate(peer_pem, ctx.config.trust_domain)
     ctx.limiter.check(f"node:{name}")
+    cached: AuthenticatedNode | None = ctx.auth_cache.get(serial)
+    if cached is not None:
+        return cached
 
-    def load(tx: Tx) -> tuple[Node | None, bool, bool]:
-        record = tx.get_certificate(serial)
-        ok = record is not None and record.kind == "node" and record.node_name == name
-        revoked = record is not None and record.revoked_at is not None
-        return tx.get_node(name), ok, revoked
+    def load(tx: Tx) -> tuple[Node | None, CertificateRecord | None]:
+        return tx.get_node(name), tx.get_certificate(serial)
 
-    node, known, revoked = await ctx.read(load)
-    if node is None or not known:
+    node, record = await ctx.read(load)
+    if node is None or record is None or record.kind != "node" or record.node_name != name:
         raise Unauthenticated(f"the client certificate (serial {serial}) was not issued to {name}")
     if node.status == "banned":
         raise PermissionDenied(f"node {name} is banned")
-    if revoked:
+    if record.revoked_at is not None:
         raise Unauthenticated(f"the client certificate (serial {serial}) has been revoked")
-    return AuthenticatedNode(name, spiffe_id, serial, node)
+    if serial == node.pending_serial:
+        await _promote(ctx, node, record)
+    elif serial != node.current_serial:
+        raise Unauthenticated(
+            f"the client certificate (serial {serial}) was superseded by a later renewal of "
+            f"node {name}; use the current node certificate"
+        )
+    caller = AuthenticatedNode(name, spiffe_id, serial, node)
+    ctx.auth_cache.put(serial, caller)
+    return caller
+
+
+async def _promote(ctx: CAContext, node: Node, record: CertificateRecord) -> None:
+    """First use of a renewed node certificate: it becomes the only one accepted."""
+    now = ctx.clock.now()
+    audit = event(
+        now,
+        node.spiffe_id,
+        "node.certificate.activate",
+        node.name,
+        serial=record.serial,
+        previous_serial=node.current_serial,
+    )
+    promoted = await ctx.write(
+        lambda tx: tx.promote_node_certificate(node.name, record.serial, record.not_after, now),
+        [audit],
+    )
+    if not promoted:
+        raise Unauthenticated(
+            f"the client certificate (serial {record.serial}) was superseded by a later "
+            f"renewal of node {node.name}"
+        )
+    if node.current_serial:
+        ctx.auth_cache.discard(node.current_serial)
 
 
 async def renew(ctx: CAContext, caller: AuthenticatedNode, csr_der: bytes) -> Issued:
     csr = parse_csr(csr_der)
     now = ctx.clock.now()
     issued = issue(
-        ctx.trust.keyring.signer, csr.public_key(), spiffe_id=caller.spiffe_id,
-        ttl_seconds=ctx.config.node_ttl, now=now, kind="node", node_name=caller.name,
+        ctx.trust.keyring.signer,
+        csr.public_key(),
+        spiffe_id=caller.spiffe_id,
+        ttl_seconds=ctx.config.node_ttl,
+        now=now,
+        kind="node",
+        node_name=caller.name,
     )
     record = issued.record
 
@@ -201,12 +255,19 @@ async def renew(ctx: CAContext, caller: AuthenticatedNode, csr_der: bytes) -> Is
         if node is None or node.status == "banned":
             raise PermissionDenied(f"node {caller.name} is banned")
         tx.add_certificates([record])
-        tx.set_node_certificate(caller.name, record.serial, record.not_after, now)
+        # The new certificate becomes current on first use; until then the old one works.
+        tx.set_node_pending_certificate(caller.name, record.serial, now)
 
     audit = event(
-        now, str(caller.spiffe_id), "certificate.issue", record.serial,
-        kind="node", spiffe_id=str(caller.spiffe_id), node=caller.name,
-        renewed_serial=caller.serial, not_after=utc(record.not_after).isoformat(),
+        now,
+        str(caller.spiffe_id),
+        "certificate.issue",
+        record.serial,
+        kind="node",
+        spiffe_id=str(caller.spiffe_id),
+        node=caller.name,
+        renewed_serial=caller.serial,
+        not_after=utc(record.not_after).isoformat(),
     )
     await ctx.write(commit, [audit])
     ctx.metrics.issued.labels("node").inc()

@@ -20,9 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
-from ca_server.db.store import Store, Tx
+from ca_server.db.store import Store
+from ca_server.db.tx import Tx
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -32,7 +33,7 @@ MAX_BATCH = 512
 
 @dataclass
 class _Unit(Generic[T]):
-    work: Callable[[Tx], T]
+    work: Callable[[Tx], T] | Batchable
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T]
     enqueued_at: float = field(default_factory=time.perf_counter)
@@ -40,6 +41,22 @@ class _Unit(Generic[T]):
 
 class _Stop:
     pass
+
+
+@dataclass(frozen=True)
+class Refused:
+    """A batchable unit's answer when it was refused (it wrote nothing); the batch goes on."""
+
+    error: Exception
+
+
+class Batchable(Protocol):
+    """Work of which many instances run together: `run_batch` does the writes of every
+    item at once (one multi-row insert instead of one per request) and returns one result,
+    or a `Refused`, per item, in order."""
+
+    @classmethod
+    def run_batch(cls, tx: Tx, items: list[Any]) -> list[Any]: ...
 
 
 class GroupCommitWriter:
@@ -64,14 +81,18 @@ class GroupCommitWriter:
             self._thread.join()
             self._started = False
 
-    async def submit(self, work: Callable[[Tx], T]) -> T:
-        """Run `work` in a write transaction; return its result once committed."""
+    async def submit(self, work: Callable[[Tx], T] | Batchable) -> T:
+        """Run `work` in a write transaction; return its result once committed. A
+        `Refused` result of a batchable unit is raised here as its error."""
         if not self._started:
             raise RuntimeError("the database writer is not running")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
         self._queue.put(_Unit(work, loop, future))
-        return await future
+        result = await future
+        if isinstance(result, Refused):
+            raise result.error
+        return result
 
     def _run(self) -> None:
         while True:
@@ -98,7 +119,7 @@ class GroupCommitWriter:
         self.units += len(batch)
         try:
             with self._store.transaction() as tx:
-                results = [unit.work(tx) for unit in batch]
+                results = _run_all(tx, [unit.work for unit in batch])
         except Exception as exc:  # every failure is handed to its caller below
             if len(batch) == 1:
                 _fail(batch[0], exc)
@@ -112,7 +133,7 @@ class GroupCommitWriter:
     def _commit_alone(self, unit: _Unit[Any]) -> None:
         try:
             with self._store.transaction() as tx:
-                result = unit.work(tx)
+                (result,) = _run_all(tx, [unit.work])
         except Exception as exc:
             _fail(unit, exc)
             return
@@ -121,6 +142,22 @@ class GroupCommitWriter:
 
 def _resolve(unit: _Unit[Any], result: Any) -> None:
     unit.loop.call_soon_threadsafe(_set_result, unit.future, result)
+
+
+def _run_all(tx: Tx, works: list[Any]) -> list[Any]:
+    """Plain callables run one by one, in order; batchable units run once per type."""
+    results: list[Any] = [None] * len(works)
+    groups: dict[type[Batchable], list[int]] = {}
+    for index, work in enumerate(works):
+        if hasattr(work, "run_batch"):
+            groups.setdefault(type(work), []).append(index)
+        else:
+            results[index] = work(tx)
+    for kind, indexes in groups.items():
+        answers = kind.run_batch(tx, [works[i] for i in indexes])
+        for index, answer in zip(indexes, answers, strict=True):
+            results[index] = answer
+    return results
 
 
 def _fail(unit: _Unit[Any], exc: BaseException) -> None:

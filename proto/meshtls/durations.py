@@ -21,7 +21,9 @@ def parse_duration(value: str | int | float, *, what: str = "duration") -> float
         else:
             parts = _PART.findall(text)
             if not parts or "".join(n + u for n, u in parts) != text:
-                raise ValueError(f"{what}: expected a duration like 90s, 10m, 1h or 30d, got {value!r}")
+                raise ValueError(
+                    f"{what}: expected a duration like 90s, 10m, 1h or 30d, got {value!r}"
+                )
             seconds = sum(float(n) * _UNITS[u] for n, u in parts)
     if seconds <= 0:
         raise ValueError(f"{what}: must be positive, got {value!r}")
@@ -30,7 +32,7 @@ def parse_duration(value: str | int | float, *, what: str = "duration") -> float
 
 def format_duration(seconds: float) -> str:
     """Compact form for messages: 3600 -> "1h", 5400 -> "1h30m", 42 -> "42s"."""
-    remaining = int(round(seconds))
+    remaining = round(seconds)
     if remaining <= 0:
         return "0s"
     out = []

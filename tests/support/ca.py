@@ -74,7 +74,7 @@ class RunningCA:
             answer = await stub.CreateJoinToken(
                 admin_pb2.CreateJoinTokenRequest(node_name=node, ttl_seconds=ttl_seconds)
             )
-        return answer.token
+        return str(answer.token)
 
     async def create_entry(
         self,
@@ -88,11 +88,14 @@ class RunningCA:
         async with self.admin() as stub:
             entry = await stub.CreateEntry(
                 admin_pb2.CreateEntryRequest(
-                    spiffe_id=spiffe_id, node_name=node, dns_names=list(dns_names),
-                    ttl_seconds=ttl_seconds, selectors=list(selectors),
+                    spiffe_id=spiffe_id,
+                    node_name=node,
+                    dns_names=list(dns_names),
+                    ttl_seconds=ttl_seconds,
+                    selectors=list(selectors),
                 )
             )
-        return entry.id
+        return str(entry.id)
 
     async def revoke(self, serial: str, reason: str = "test") -> None:
         async with self.admin() as stub:
@@ -106,7 +109,10 @@ class RunningCA:
 
     async def bundle(self) -> types_pb2.TrustBundle:
         async with self.admin() as stub:
-            return await stub.GetTrustBundle(types_pb2.GetTrustBundleRequest())
+            bundle: types_pb2.TrustBundle = await stub.GetTrustBundle(
+                types_pb2.GetTrustBundleRequest()
+            )
+        return bundle
 
 
 def ca_config(tmp_path: Path, **overrides: Any) -> CAConfig:

@@ -15,9 +15,10 @@ SCHEME = "spiffe://"
 MAX_ID_BYTES = 2048
 MAX_TRUST_DOMAIN_BYTES = 255
 
-_TRUST_DOMAIN_RE = re.compile(r"^[a-z0-9._-]+$")
-_SEGMENT_RE = re.compile(r"^[A-Za-z0-9._-]+$")
-_NODE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+# Used with fullmatch(): a "$" anchor would also accept a trailing newline.
+_TRUST_DOMAIN_RE = re.compile(r"[a-z0-9._-]+")
+_SEGMENT_RE = re.compile(r"[A-Za-z0-9._-]+")
+_NODE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 NODE_PATH_PREFIX = "meshtls/node/"
 CA_PATH = "meshtls/ca"
@@ -33,7 +34,7 @@ def validate_trust_domain(text: str) -> str:
         raise InvalidSpiffeId("trust domain is empty")
     if len(text.encode()) > MAX_TRUST_DOMAIN_BYTES:
         raise InvalidSpiffeId(f"trust domain is longer than {MAX_TRUST_DOMAIN_BYTES} bytes")
-    if not _TRUST_DOMAIN_RE.match(text):
+    if not _TRUST_DOMAIN_RE.fullmatch(text):
         raise InvalidSpiffeId(
             f"trust domain {text!r} may hold only lower-case letters, digits, '.', '-' and '_'"
         )
@@ -42,7 +43,7 @@ def validate_trust_domain(text: str) -> str:
 
 def validate_node_name(text: str) -> str:
     """A node name becomes one path segment of the node's SPIFFE ID."""
-    if not _NODE_NAME_RE.match(text) or text in {".", ".."}:
+    if not _NODE_NAME_RE.fullmatch(text) or text in {".", ".."}:
         raise InvalidSpiffeId(
             f"node name {text!r} must start with a letter or digit and hold only letters, "
             "digits, '.', '-' and '_' (at most 253 characters)"
@@ -80,7 +81,7 @@ class SpiffeId:
                 )
             if segment in {".", ".."}:
                 raise InvalidSpiffeId(f"SPIFFE ID {text!r} must not have '.' or '..' segments")
-            if not _SEGMENT_RE.match(segment):
+            if not _SEGMENT_RE.fullmatch(segment):
                 raise InvalidSpiffeId(
                     f"SPIFFE ID {text!r}: path segment {segment!r} may hold only letters, "
                     "digits, '.', '-' and '_'"

@@ -36,7 +36,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write data to path so that readers see either the old or the new content.
 
     The data goes to a temporary file in the same directory (created with `mode`), is
-    flushed to disk, then renamed over `path`.
+    flushed to disk, then renamed over `path`; the directory is synced too, so the new
+    content survives a crash once this returns.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -51,3 +52,8 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o600) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

@@ -7,6 +7,7 @@ sidecar validates what it receives before using it.
 from __future__ import annotations
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
@@ -15,6 +16,15 @@ from meshtls.identity.x509 import CertificateError, spiffe_id_of
 MIN_SERIAL_BITS = 128
 # Leaves are backdated by this much so that peers whose clocks lag still accept them.
 BACKDATE_SECONDS = 30
+
+
+def issuer_key_identifier(issuer: x509.Certificate) -> bytes:
+    """The key identifier a child's AKI must carry: the issuer's SKI extension when it has
+    one (CAs may compute it by other methods than RFC 5280's SHA-1), else the SHA-1 one."""
+    try:
+        return issuer.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value.digest
+    except x509.ExtensionNotFound:
+        return x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest
 
 
 def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[str]:
@@ -32,6 +42,10 @@ def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[s
         spiffe_id_of(leaf)
     except CertificateError as exc:
         problems.append(str(exc))
+    if len(leaf.subject) == 0:
+        san = get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        if san is not None and not san.critical:
+            problems.append("with an empty subject the SubjectAlternativeName must be critical")
     bc = get(ExtensionOID.BASIC_CONSTRAINTS)
     if bc is None or not bc.critical or not isinstance(bc.value, x509.BasicConstraints):
         problems.append("BasicConstraints must be present and critical")
@@ -45,8 +59,7 @@ def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[s
             problems.append("KeyUsage must include digitalSignature")
         if ku.value.key_cert_sign or ku.value.crl_sign:
             problems.append("a leaf's KeyUsage must not include keyCertSign or cRLSign")
-        is_rsa = isinstance(leaf.public_key(), rsa.RSAPublicKey)
-        if ku.value.key_encipherment and not is_rsa:
+        if ku.value.key_encipherment and not isinstance(leaf.public_key(), rsa.RSAPublicKey):
             problems.append("keyEncipherment is only for RSA keys")
     eku = get(ExtensionOID.EXTENDED_KEY_USAGE)
     if eku is None or not isinstance(eku.value, x509.ExtendedKeyUsage):
@@ -61,22 +74,26 @@ def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[s
     aki = get(ExtensionOID.AUTHORITY_KEY_IDENTIFIER)
     if aki is None or not isinstance(aki.value, x509.AuthorityKeyIdentifier):
         problems.append("AuthorityKeyIdentifier must be present")
-    else:
-        issuer_ski = x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest
-        if aki.value.key_identifier != issuer_ski:
-            problems.append("AuthorityKeyIdentifier does not match the issuer's key")
+    elif aki.value.key_identifier != issuer_key_identifier(issuer):
+        problems.append("AuthorityKeyIdentifier does not match the issuer's key")
     if leaf.serial_number.bit_length() < MIN_SERIAL_BITS - 8:
         problems.append(f"serial number must carry at least {MIN_SERIAL_BITS} random bits")
-    if leaf.issuer != issuer.subject:
-        problems.append("issuer name does not match the issuing CA's subject")
     if leaf.not_valid_after_utc > issuer.not_valid_after_utc:
         problems.append("the leaf outlives its issuer")
     if leaf.not_valid_before_utc >= leaf.not_valid_after_utc:
         problems.append("NotBefore is not before NotAfter")
     try:
         leaf.verify_directly_issued_by(issuer)
+    except InvalidSignature:
+        problems.append("the signature does not verify with the issuer's key")
     except (ValueError, TypeError) as exc:
-        problems.append(f"the signature does not verify with the issuer's key: {exc}")
+        # Raised before the signature is checked, e.g. when the names differ. Comparing
+        # names up front instead would cost more than the signature check on the CA's hot
+        # path (cryptography builds Python Name objects for it).
+        if leaf.issuer != issuer.subject:
+            problems.append("issuer name does not match the issuing CA's subject")
+        else:
+            problems.append(f"the signature cannot be checked with the issuer's key: {exc}")
     return problems
 
 

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
-from cryptography.x509.oid import ExtensionOID
 
 from meshtls.identity.ids import InvalidSpiffeId, SpiffeId
 
@@ -93,7 +92,7 @@ def normalize_serial(text: str) -> str:
 
 def uri_sans(cert: x509.Certificate) -> list[str]:
     try:
-        san = cert.extensions.get_extension_for_oid(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName)
     except x509.ExtensionNotFound:
         return []
     return list(san.value.get_values_for_type(x509.UniformResourceIdentifier))

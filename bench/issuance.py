@@ -1,0 +1,343 @@
+"""Durable issuances per second over the full path: gRPC (mTLS) + CSR verify + sign +
+database commit, with `concurrency` clients (each its own enrolled node), on SQLite and on
+PostgreSQL; and, in the same run, the raw rate of building and signing a certificate with
+`cryptography` on one core.
+
+    .venv/bin/python bench/issuance.py [--runs 3] [--seconds 8] [--clients 64] [--batch 1 16]
+
+The CA runs as a real `meshtls-ca serve` subprocess; the load generator is this process
+(grpc.aio), on the same 2 cores. A reply counts only after the CA committed its rows (group
+commit: one transaction for every request waiting at that moment). The per-node rate limit
+is raised for the run (one client per node sends far above the production default).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from meshtls.identity.pem import certs_from_der, certs_to_pem
+from meshtls.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, types_pb2
+
+BIN = Path(sys.executable).parent
+TD = "bench.example"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def new_csr() -> tuple[ec.EllipticCurvePrivateKey, bytes]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "bench")]))
+        .sign(key, hashes.SHA256())
+    )
+    return key, csr.public_bytes(serialization.Encoding.DER)
+
+
+def raw_sign_rate(seconds: float = 2.0) -> float:
+    """Build + sign + PEM-encode an X509-SVID-shaped leaf with `cryptography`, one core."""
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, TD)])
+    leaf_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+    ski = x509.SubjectKeyIdentifier.from_public_key(leaf_key)
+    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        now = dt.datetime.now(dt.UTC)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([]))
+            .issuer_name(name)
+            .public_key(leaf_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - dt.timedelta(seconds=30))
+            .not_valid_after(now + dt.timedelta(hours=1))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
+                critical=True,
+            )
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(
+                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{TD}/w")]),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .add_extension(aki, critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        cert.public_bytes(serialization.Encoding.PEM)
+        count += 1
+    return count / (time.perf_counter() - start)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process (and its threads) so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Result:
+    issued: int
+    seconds: float
+    latencies: list[float]
+    errors: int
+    server_cpu: float = 0.0
+
+    @property
+    def cpu_ms_per_cert(self) -> float:
+        return self.server_cpu / max(self.issued, 1) * 1000
+
+    @property
+    def rate(self) -> float:
+        return self.issued / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1000 if ordered else 0.0
+
+
+class CAProcess:
+    def __init__(self, workdir: Path, database_url: str | None) -> None:
+        self.data_dir = workdir / "ca"
+        self.agent = f"127.0.0.1:{free_port()}"
+        self.enroll = f"127.0.0.1:{free_port()}"
+        env = {
+            **os.environ,
+            "MESHTLS_CA_RATE_LIMIT_PER_NODE": "1000000",
+            "MESHTLS_CA_RATE_LIMIT_BURST": "1000000",
+            "MESHTLS_CA_MAX_CSRS_PER_BATCH": "256",
+        }
+        args = [
+            str(BIN / "meshtls-ca"),
+            "serve",
+            "--dev",
+            "--data-dir",
+            str(self.data_dir),
+            "--trust-domain",
+            TD,
+            "--listen",
+            self.agent,
+            "--enroll-listen",
+            self.enroll,
+            "--http-listen",
+            "off",
+            "--log-level",
+            "warning",
+        ]
+        if database_url:
+            args += ["--database-url", database_url]
+        self.proc = subprocess.Popen(args, env=env)
+        sock = self.data_dir / "admin.sock"
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit("the CA did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=30)
+
+
+async def enroll_clients(
+    ca: CAProcess, count: int, entries_per_node: int
+) -> list[tuple[grpc.aio.Channel, list[str]]]:
+    sock = f"unix://{(ca.data_dir / 'admin.sock').resolve()}"
+    clients = []
+    async with grpc.aio.insecure_channel(sock) as admin_channel:
+        admin = admin_pb2_grpc.AdminServiceStub(admin_channel)
+        bundle = await admin.GetTrustBundle(types_pb2.GetTrustBundleRequest())
+        roots = certs_to_pem(certs_from_der(bundle.root_certificates))
+        async with grpc.aio.secure_channel(ca.enroll, grpc.ssl_channel_credentials(roots)) as ch:
+            enroll = agent_pb2_grpc.AgentServiceStub(ch)
+            for i in range(count):
+                node = f"bench-{i}"
+                token = (
+                    await admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(node_name=node))
+                ).token
+                entry_ids = []
+                for k in range(entries_per_node):
+                    entry = await admin.CreateEntry(
+                        admin_pb2.CreateEntryRequest(
+                            spiffe_id=f"spiffe://{TD}/w/{i}/{k}", node_name=node
+                        )
+                    )
+                    entry_ids.append(entry.id)
+                key, csr = new_csr()
+                answer = await enroll.Enroll(agent_pb2.EnrollRequest(join_token=token, csr=csr))
+                chain = certs_to_pem(certs_from_der(answer.node_certificate.certificates))
+                key_pem = key.private_bytes(
+                    serialization.Encoding.PEM,
+                    serialization.PrivateFormat.PKCS8,
+                    serialization.NoEncryption(),
+                )
+                channel = grpc.aio.secure_channel(
+                    ca.agent, grpc.ssl_channel_credentials(roots, key_pem, chain)
+                )
+                clients.append((channel, entry_ids))
+    return clients
+
+
+async def load(
+    clients: list[tuple[grpc.aio.Channel, list[str]]], csrs_per_call: int, seconds: float
+) -> Result:
+    csrs = [new_csr()[1] for _ in range(64)]
+    latencies: list[float] = []
+    issued = errors = 0
+    stop_at = time.perf_counter() + seconds
+
+    async def worker(index: int, channel: grpc.aio.Channel, entry_ids: list[str]) -> None:
+        nonlocal issued, errors
+        stub = agent_pb2_grpc.AgentServiceStub(channel)
+        # Each client is one node; one call signs `csrs_per_call` of its identities, as a
+        # sidecar renewing its identities together does.
+        request = agent_pb2.SignIdentitiesRequest(
+            requests=[
+                agent_pb2.IdentityCsr(entry_id=e, csr=csrs[(index + k) % len(csrs)])
+                for k, e in enumerate(entry_ids[:csrs_per_call])
+            ]
+        )
+        while time.perf_counter() < stop_at:
+            started = time.perf_counter()
+            try:
+                answer = await stub.SignIdentities(request)
+                issued += len(answer.identities)
+            except grpc.RpcError:
+                errors += 1
+                continue
+            latencies.append(time.perf_counter() - started)
+
+    began = time.perf_counter()
+    await asyncio.gather(*[worker(i, ch, e) for i, (ch, e) in enumerate(clients)])
+    return Result(issued, time.perf_counter() - began, latencies, errors)
+
+
+def start_postgres() -> tuple[object, str]:
+    from tests.support.postgres import start_postgres as start
+
+    server = start()
+    return server, server.create_database()
+
+
+async def bench_database(name: str, url: str | None, args: argparse.Namespace) -> list[list[str]]:
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="meshtls-bench-") as tmp:
+        ca = CAProcess(Path(tmp), url)
+        try:
+            clients = await enroll_clients(ca, args.clients, max(args.batch))
+            await load(clients, 1, 1.0)  # warm-up
+            for batch in args.batch:
+                runs = []
+                for _ in range(args.runs):
+                    cpu_before = cpu_seconds(ca.proc.pid)
+                    result = await load(clients, batch, args.seconds)
+                    result.server_cpu = cpu_seconds(ca.proc.pid) - cpu_before
+                    runs.append(result)
+                med = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
+                rows.append(
+                    [
+                        name,
+                        str(args.clients),
+                        str(batch),
+                        f"{statistics.median(r.rate for r in runs):,.0f}",
+                        f"{min(r.rate for r in runs):,.0f}-{max(r.rate for r in runs):,.0f}",
+                        f"{med.pct(0.5):.1f}",
+                        f"{med.pct(0.99):.1f}",
+                        f"{statistics.median(r.cpu_ms_per_cert for r in runs):.2f}",
+                        str(sum(r.errors for r in runs)),
+                    ]
+                )
+                print("  ".join(rows[-1]), flush=True)
+            for channel, _ in clients:
+                await channel.close()
+        finally:
+            ca.stop()
+    return rows
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument(
+        "--batch",
+        type=int,
+        nargs="+",
+        default=[1, 16],
+        help="CSRs per SignIdentities call (identities per node)",
+    )
+    parser.add_argument("--databases", nargs="+", default=["sqlite", "postgres"])
+    args = parser.parse_args()
+
+    raw = statistics.median(raw_sign_rate() for _ in range(3))
+    print(f"raw cryptography build+sign+PEM on one core: {raw:,.0f} certificates/s", flush=True)
+    header = [
+        "database",
+        "clients",
+        "CSRs/call",
+        "issued/s (median)",
+        "range",
+        "p50 ms",
+        "p99 ms",
+        "CA CPU ms/cert",
+        "errors",
+    ]
+    print("  ".join(header), flush=True)
+    rows: list[list[str]] = []
+    pg = None
+    try:
+        for db in args.databases:
+            url = None
+            if db == "postgres":
+                pg, url = start_postgres()
+            rows += asyncio.run(bench_database(db, url, args))
+    finally:
+        if pg is not None:
+            pg.stop()  # type: ignore[attr-defined]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print()
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(header, widths, strict=True)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in rows:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) + " |")
+    print(f"\nraw `cryptography` sign rate, one core: {raw:,.0f}/s")
+    shutil.rmtree(Path(tempfile.gettempdir()) / "meshtls-bench", ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

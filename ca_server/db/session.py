@@ -1,0 +1,170 @@
+"""Engine factory for the CA database: SQLite (default, one file in WAL mode) or PostgreSQL
+(production, psycopg 3), plus URL helpers that never leak passwords into logs.
+
+SQLite transactions are driven by SQLAlchemy, not by the sqlite3 module (the documented
+pysqlite event recipe): write transactions start with ``BEGIN IMMEDIATE`` so two writers
+never deadlock on a SHARED -> RESERVED lock upgrade; read transactions start with a plain
+``BEGIN`` and run with ``PRAGMA query_only`` on.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import URL, Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import ConnectionPoolEntry
+
+from ca_server.errors import ConfigError
+
+log = logging.getLogger(__name__)
+
+# Execution option naming the kind of transaction a Connection is about to begin.
+TX_KIND_OPTION = "meshtls_tx"
+TX_READ = "read"
+TX_WRITE = "write"
+
+SQLITE_DRIVER = "sqlite+pysqlite"
+POSTGRES_DRIVER = "postgresql+psycopg"
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of an SQLite database file (absolute path)."""
+    return f"{SQLITE_DRIVER}:///{path.expanduser().resolve()}"
+
+
+_PASSWORD_IN_TEXT = re.compile(r"(?i)(password\s*=\s*)('[^']*'|[^\s&;]+)")
+_USERINFO_IN_TEXT = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+
+
+def scrub_secrets(text: str) -> str:
+    """Remove anything that looks like a password from free text (URLs, libpq strings)."""
+    text = _USERINFO_IN_TEXT.sub(r"\1***@", text)
+    return _PASSWORD_IN_TEXT.sub(r"\1***", text)
+
+
+def redact_url(url: str | URL) -> str:
+    """The URL as text with its password (and any ``password=`` query value) hidden, for
+    logs and status pages."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return scrub_secrets(str(url))
+    return scrub_secrets(parsed.render_as_string(hide_password=True))
+
+
+def normalize_url(url: str | URL) -> URL:
+    """Parse a database URL and pin the driver: ``sqlite://`` -> pysqlite,
+    ``postgres(ql)://`` -> psycopg 3. Raises ConfigError for anything else."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigError(
+            f"invalid database URL {scrub_secrets(str(url))!r}: "
+            "use sqlite:////abs/path/ca.db or postgresql://user@host:5432/dbname"
+        ) from exc
+    backend, _, driver = parsed.drivername.partition("+")
+    if backend == "sqlite" and driver in ("pysqlite", ""):
+        parsed = parsed.set(drivername=SQLITE_DRIVER)
+    elif backend in ("postgresql", "postgres") and driver in ("psycopg", ""):
+        parsed = parsed.set(drivername=POSTGRES_DRIVER)
+    else:
+        raise ConfigError(
+            f"unsupported database URL {redact_url(parsed)!r}: meshtls supports "
+            "sqlite:///<path> and postgresql+psycopg://user@host:port/dbname"
+        )
+    if parsed.get_backend_name() == "sqlite":
+        _check_sqlite_path(parsed)
+    return parsed
+
+
+def _check_sqlite_path(url: URL) -> None:
+    database = url.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:"):
+        raise ConfigError(
+            "an in-memory SQLite database cannot be shared by the CA's connections: "
+            "give a file path, e.g. sqlite:////var/lib/meshtls/ca.db"
+        )
+    parent = Path(database).expanduser().parent
+    if not parent.is_dir():
+        raise ConfigError(
+            f"SQLite database directory {str(parent)!r} does not exist: create it "
+            "(the CA creates the database file itself) or fix the database URL"
+        )
+
+
+def make_engine(
+    url: str | URL,
+    *,
+    pool_size: int = 10,
+    sqlite_busy_timeout: float = 10.0,
+    connect_timeout: float = 5.0,
+) -> Engine:
+    """Create the engine for `url` (see `normalize_url`), tuned for the CA's workload.
+
+    SQLite: WAL journal, ``synchronous=NORMAL``, ``foreign_keys=ON``, a busy timeout of
+    `sqlite_busy_timeout` seconds and SQLAlchemy-driven BEGIN (IMMEDIATE for writes).
+    PostgreSQL: psycopg 3, a pool of `pool_size` (+ the same overflow) connections,
+    pre-ping on checkout, and a `connect_timeout` so a dead server fails fast.
+    """
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() == "sqlite":
+        engine = _sqlite_engine(parsed, pool_size, sqlite_busy_timeout)
+    else:
+        engine = create_engine(
+            parsed,
+            pool_size=pool_size,
+            max_overflow=pool_size,
+            pool_timeout=connect_timeout * 2,
+            pool_pre_ping=True,
+            pool_recycle=1800,
+            connect_args={
+                "connect_timeout": max(1, round(connect_timeout)),
+                "application_name": "meshtls-ca",
+            },
+        )
+    log.info(
+        "database engine created",
+        extra={"database": redact_url(parsed), "dialect": engine.dialect.name},
+    )
+    return engine
+
+
+def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:
+    engine = create_engine(
+        url,
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        connect_args={"timeout": busy_timeout, "check_same_thread": False},
+    )
+    busy_ms = max(0, round(busy_timeout * 1000))
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
+        # Stop the sqlite3 module from emitting BEGIN itself; `_on_begin` does it.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute("PRAGMA synchronous=NORMAL")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        if conn.get_execution_options().get(TX_KIND_OPTION) == TX_READ:
+            conn.exec_driver_sql("BEGIN")
+            conn.exec_driver_sql("PRAGMA query_only=ON")
+        else:
+            # Anything not explicitly a read (store writes, migrations) takes the write
+            # lock up front: waiting for it honours busy_timeout, unlike an upgrade.
+            conn.exec_driver_sql("PRAGMA query_only=OFF")
+            conn.exec_driver_sql("BEGIN IMMEDIATE")
+
+    return engine

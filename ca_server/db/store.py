@@ -1,0 +1,113 @@
+"""`Store`: the CA's only entry point to its database. It hands out transactions (`Tx`):
+`transaction()` commits on a normal exit and rolls back on an exception; `read()` always
+rolls back and is read-only at the database level too (SQLite ``query_only``, PostgreSQL
+``READ ONLY`` at REPEATABLE READ, so several reads see one snapshot).
+
+Driver failures surface as `ca_server.errors.Unavailable` (retryable) or `AlreadyExists`;
+errors raised by the caller inside the block pass through unchanged.
+
+Blocking: every call does synchronous I/O. From asyncio, run transactions in a thread
+(e.g. ``await asyncio.to_thread(...)``). A `Store` is thread-safe; a `Tx` is not.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from sqlalchemy import Connection, Engine
+
+from ca_server.db.failures import translate_errors
+from ca_server.db.session import TX_KIND_OPTION, TX_READ, TX_WRITE, make_engine, redact_url
+from ca_server.db.tx import Tx
+
+log = logging.getLogger(__name__)
+
+
+class Store:
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    @classmethod
+    def open(cls, url: str) -> Store:
+        """A store on a new engine for `url` (see `ca_server.db.session.make_engine`).
+        The schema must already be migrated (`ca_server.db.migrate.upgrade`)."""
+        return cls(make_engine(url))
+
+    @property
+    def engine(self) -> Engine:
+        return self._engine
+
+    @property
+    def dialect(self) -> str:
+        """The SQLAlchemy dialect name: "sqlite" or "postgresql"."""
+        return self._engine.dialect.name
+
+    @property
+    def url(self) -> str:
+        """The database URL with its password hidden (for logs and status)."""
+        return redact_url(self._engine.url)
+
+    def _connect(self, kind: str) -> Connection:
+        options: dict[str, Any] = {TX_KIND_OPTION: kind}
+        if kind == TX_READ and self.dialect == "postgresql":
+            options.update(postgresql_readonly=True, isolation_level="REPEATABLE READ")
+        with translate_errors():
+            connection = self._engine.connect()
+        try:
+            connection.execution_options(**options)
+        except BaseException:
+            connection.close()
+            raise
+        return connection
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """One read-write transaction: committed when the block ends normally, rolled back
+        when it raises. On SQLite it holds the database's single write lock from the
+        start, so keep it short (batch many writes into one, do no slow work inside)."""
+        connection = self._connect(TX_WRITE)
+        try:
+            with translate_errors():
+                transaction = connection.begin()
+            try:
+                yield Tx(connection, writable=True)
+            except BaseException:
+                _rollback_quietly(connection)
+                raise
+            with translate_errors():
+                transaction.commit()
+        finally:
+            connection.close()
+
+    @contextmanager
+    def read(self) -> Iterator[Tx]:
+        """One read-only transaction, always rolled back."""
+        connection = self._connect(TX_READ)
+        try:
+            with translate_errors():
+                connection.begin()
+            try:
+                yield Tx(connection, writable=False)
+            finally:
+                _rollback_quietly(connection)
+        finally:
+            connection.close()
+
+    def close(self) -> None:
+        """Close every pooled connection. The store must not be used afterwards."""
+        self._engine.dispose()
+
+
+def _rollback_quietly(connection: Connection) -> None:
+    """Roll back without masking the exception that caused it (a dead connection cannot
+    roll back; the pool discards it on close)."""
+    try:
+        connection.rollback()
+    except Exception as error:
+        log.warning(
+            "database rollback failed",
+            extra={"error_type": type(error).__name__},
+        )

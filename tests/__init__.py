@@ -1,0 +1,1 @@
+"""meshtls test suite (importable, so tests can share `tests.support` helpers)."""

@@ -1,0 +1,113 @@
+"""Key policy, CSR checks and certificate helpers (meshtls.identity.x509)."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from meshtls.identity.ids import SpiffeId
+from meshtls.identity.x509 import (
+    CertificateError,
+    Validity,
+    check_public_key,
+    fingerprint_sha256,
+    load_csr,
+    normalize_serial,
+    serial_hex,
+    spiffe_id_of,
+    uri_sans,
+)
+from tests.support.pki import KeyKind, ThrowawayCA, make_csr, make_key
+
+
+@pytest.mark.parametrize("kind", ["p256", "p384", "ed25519", "rsa2048"])
+def test_allowed_keys_pass_and_their_csrs_load(kind: KeyKind) -> None:
+    key = make_key(kind)
+    assert check_public_key(key.public_key()) == key.public_key()
+    for pem in (False, True):
+        csr, public_key = load_csr(make_csr(key, pem=pem))
+        assert csr.is_signature_valid
+        assert public_key == key.public_key()
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("rsa1024", "1024 bits is too weak"),
+        ("p192", "secp192r1 is not allowed"),
+        ("dsa", "DSAPublicKey is not allowed"),
+    ],
+)
+def test_weak_or_unsupported_keys_are_refused(kind: KeyKind, message: str) -> None:
+    key = make_key(kind)
+    with pytest.raises(CertificateError, match=message):
+        check_public_key(key.public_key())
+    with pytest.raises(CertificateError, match=message):
+        load_csr(make_csr(key))
+
+
+def test_csr_with_a_broken_signature_is_refused() -> None:
+    der = bytearray(make_csr(make_key("p256")))
+    der[-5] ^= 0x01  # inside the signature BIT STRING
+    with pytest.raises(CertificateError, match="signature"):
+        load_csr(bytes(der))
+
+
+def test_csr_whose_key_did_not_sign_it_is_refused() -> None:
+    # Splice the public key of one CSR into another: the self-signature no longer matches.
+    a = x509.load_der_x509_csr(make_csr(make_key("p256"), common_name="aaaa"))
+    b_key = make_key("p256")
+    a_spki = a.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    b_spki = b_key.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    spliced = a.public_bytes(serialization.Encoding.DER).replace(a_spki, b_spki)
+    with pytest.raises(CertificateError, match="not signed by the key it carries"):
+        load_csr(spliced)
+
+
+@pytest.mark.parametrize("data", [b"", b"garbage", b"-----BEGIN CERTIFICATE REQUEST-----\nxx"])
+def test_malformed_csrs_are_refused(data: bytes) -> None:
+    with pytest.raises(CertificateError):
+        load_csr(data)
+
+
+def test_fingerprint_serial_and_validity() -> None:
+    root = ThrowawayCA.root(not_before=1_700_000_000, not_after=1_800_000_000)
+    der = root.cert.public_bytes(serialization.Encoding.DER)
+    assert fingerprint_sha256(root.cert) == hashlib.sha256(der).hexdigest()
+    assert int(serial_hex(root.cert), 16) == root.cert.serial_number
+    assert serial_hex(root.cert) == serial_hex(root.cert).lower()
+    assert Validity.of(root.cert) == Validity(1_700_000_000.0, 1_800_000_000.0)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("0A:1b:00", "a1b00"), ("0x00ff", "ff"), ("  DEADbeef ", "deadbeef"), ("0", "0")],
+)
+def test_normalize_serial(text: str, expected: str) -> None:
+    assert normalize_serial(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "xyz", "0x", "1" * 65, "12 34"])
+def test_normalize_serial_refuses_non_hex(text: str) -> None:
+    with pytest.raises(CertificateError, match="hexadecimal"):
+        normalize_serial(text)
+
+
+def test_spiffe_id_of_needs_exactly_one_valid_uri() -> None:
+    ca = ThrowawayCA.root().intermediate()
+    good = ca.leaf("spiffe://example.org/svc/web", dns_names=["web.example.org"])
+    assert spiffe_id_of(good.cert) == SpiffeId.parse("spiffe://example.org/svc/web")
+    assert uri_sans(good.cert) == ["spiffe://example.org/svc/web"]
+    with pytest.raises(CertificateError, match="has 0"):
+        spiffe_id_of(ca.leaf(None, dns_names=["web.example.org"]).cert)
+    with pytest.raises(CertificateError, match="has 0"):
+        spiffe_id_of(ca.leaf(None).cert)
+    with pytest.raises(CertificateError, match="not a SPIFFE ID"):
+        spiffe_id_of(ca.leaf("https://example.org/x").cert)
