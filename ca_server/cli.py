@@ -111,6 +111,8 @@ async def _serve(config: config_module.CAConfig) -> None:
 def _run(args: argparse.Namespace) -> int:
     if args.command == "serve":
         logs.configure(args.log_format, args.log_level)
+        # Alembic narrates every start at INFO; our own log line says what was applied.
+        logging.getLogger("alembic").setLevel(logging.WARNING)
         config = _config_from(args)
         asyncio.run(_serve(config))
         return EXIT_OK
