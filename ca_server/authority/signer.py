@@ -15,6 +15,7 @@ from collections.abc import Iterable, Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
 
 from ca_server.authority.kek import Kek
 from ca_server.authority.keys import CAPrivateKey, decrypt_private_key, public_key_der
@@ -88,7 +89,16 @@ class Signer:
     """Issues leaves under one intermediate. Immutable once built, so one Signer may be
     shared by every thread that issues."""
 
-    __slots__ = ("_authority_id", "_cert", "_chain", "_issuer", "_key", "_not_after", "_td")
+    __slots__ = (
+        "_authority_id",
+        "_cert",
+        "_chain",
+        "_chain_der",
+        "_issuer",
+        "_key",
+        "_not_after",
+        "_td",
+    )
 
     def __init__(
         self,
@@ -118,6 +128,7 @@ class Signer:
         self._key = key
         above = [c for c in parent_chain if not is_self_signed(c)]
         self._chain: tuple[x509.Certificate, ...] = (cert, *above)
+        self._chain_der = tuple(c.public_bytes(serialization.Encoding.DER) for c in self._chain)
         self._issuer = IssuerInfo.of(cert)
         self._not_after = cert.not_valid_after_utc.timestamp()
         self._td = trust_domain_of_ca(cert)
@@ -144,6 +155,11 @@ class Signer:
         """What follows a leaf on the wire: this intermediate, then any upstream
         intermediates; never the root."""
         return list(self._chain)
+
+    @property
+    def chain_der(self) -> tuple[bytes, ...]:
+        """`chain` DER-encoded once: it follows every leaf this signer issues."""
+        return self._chain_der
 
     @property
     def not_after(self) -> float:
@@ -200,7 +216,7 @@ class Signer:
             raise InvalidRequest(str(exc)) from None
         leaf = sign(builder, self._key)
         try:
-            validate_leaf(leaf, self._cert)
+            validate_leaf(leaf, self._cert, check_signature=False)
         except CertificateError as exc:
             log.error(
                 "refusing to return a certificate that breaks the X509-SVID profile",

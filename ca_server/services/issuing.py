@@ -23,10 +23,11 @@ class Issued:
     cert: x509.Certificate
     chain: tuple[x509.Certificate, ...]  # leaf first, then the issuing chain (no root)
     record: CertificateRecord
+    issuer_chain_der: tuple[bytes, ...]  # the signer's chain, encoded once per signer
 
     @property
     def chain_der(self) -> list[bytes]:
-        return [c.public_bytes(serialization.Encoding.DER) for c in self.chain]
+        return [self.cert.public_bytes(serialization.Encoding.DER), *self.issuer_chain_der]
 
 
 @dataclass(frozen=True)
@@ -96,4 +97,4 @@ def issue(
         issuer_id=signer.authority_id,
         issued_at=now,
     )
-    return Issued(cert, (cert, *signer.chain), record)
+    return Issued(cert, (cert, *signer.chain), record, signer.chain_der)

@@ -27,8 +27,15 @@ def issuer_key_identifier(issuer: x509.Certificate) -> bytes:
         return x509.SubjectKeyIdentifier.from_public_key(issuer.public_key()).digest
 
 
-def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[str]:
-    """Every way `leaf` breaks the X509-SVID leaf profile under `issuer`; [] when none."""
+def profile_problems(
+    leaf: x509.Certificate, issuer: x509.Certificate, *, check_signature: bool = True
+) -> list[str]:
+    """Every way `leaf` breaks the X509-SVID leaf profile under `issuer`; [] when none.
+
+    `check_signature=False` skips only the cryptographic signature check, for the signer
+    that has just produced it with `issuer`'s key and name (the authority key identifier is
+    still checked); everyone who receives a certificate checks the signature.
+    """
     problems: list[str] = []
     ext = leaf.extensions
 
@@ -82,6 +89,8 @@ def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[s
         problems.append("the leaf outlives its issuer")
     if leaf.not_valid_before_utc >= leaf.not_valid_after_utc:
         problems.append("NotBefore is not before NotAfter")
+    if not check_signature:
+        return problems
     try:
         leaf.verify_directly_issued_by(issuer)
     except InvalidSignature:
@@ -97,7 +106,9 @@ def profile_problems(leaf: x509.Certificate, issuer: x509.Certificate) -> list[s
     return problems
 
 
-def validate_leaf(leaf: x509.Certificate, issuer: x509.Certificate) -> None:
-    problems = profile_problems(leaf, issuer)
+def validate_leaf(
+    leaf: x509.Certificate, issuer: x509.Certificate, *, check_signature: bool = True
+) -> None:
+    problems = profile_problems(leaf, issuer, check_signature=check_signature)
     if problems:
         raise CertificateError("certificate breaks the X509-SVID profile: " + "; ".join(problems))
