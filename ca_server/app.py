@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 import meshtls
 from ca_server.api.admin import AdminServicer, ServerInfo, spiffe_id_admin, unix_socket_admin
 from ca_server.api.agent import AgentServicer
+from ca_server.api.http import build_status_server
 from ca_server.api.server import (
     ADMIN_SERVICE,
     AGENT_SERVICE,
@@ -49,6 +50,7 @@ from ca_server.services.writer import GroupCommitWriter
 from meshtls.clock import Clock, SystemClock, utc
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.pem import certs_to_pem
+from meshtls.statushttp import StatusServer
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +94,7 @@ class BoundAddresses:
     agent: str
     enrollment: str
     admin_socket: Path
+    http: str | None = None  # "host:port" of /healthz /readyz /metrics, when enabled
 
 
 class CAServer:
@@ -105,6 +108,7 @@ class CAServer:
         self._health: list = []  # type: ignore[type-arg]
         self._store: Store | None = None
         self._writer: GroupCommitWriter | None = None
+        self._http: StatusServer | None = None
 
     def _prepare_store(self) -> Store:
         url = self.config.effective_database_url
@@ -268,7 +272,15 @@ class CAServer:
         self._health = [main_health, admin_health]
         await mark_serving(main_health, [AGENT_SERVICE, ADMIN_SERVICE])
         await mark_serving(admin_health, [ADMIN_SERVICE])
-        self.addresses = BoundAddresses(agent_address, enroll_address, config.admin_socket_path)
+        http_address = None
+        if config.http_listen is not None:
+            self._http = build_status_server(ctx, config.http_listen.host, config.http_listen.port)
+            await self._http.start()
+            host, port = self._http.address
+            http_address = f"{host}:{port}"
+        self.addresses = BoundAddresses(
+            agent_address, enroll_address, config.admin_socket_path, http_address
+        )
         log.info(
             "meshtls CA serving",
             extra={
@@ -276,6 +288,7 @@ class CAServer:
                 "agent_address": agent_address,
                 "enrollment_address": enroll_address,
                 "admin_socket": str(config.admin_socket_path),
+                "http_address": http_address,
                 "database": info.database,
                 "kek_id": kek.id,
             },
@@ -285,6 +298,9 @@ class CAServer:
     async def stop(self, grace: float = 5.0) -> None:
         for health_servicer in self._health:
             await health_servicer.enter_graceful_shutdown()
+        if self._http is not None:
+            await self._http.stop()
+            self._http = None
         for server in self._servers:
             await server.stop(grace)
         self._servers, self._health = [], []
