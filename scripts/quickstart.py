@@ -43,7 +43,9 @@ def step(text: str) -> None:
 def ca(*args: str, data_dir: Path) -> str:
     out = subprocess.run(
         [str(BIN / "meshtls-ca"), *args, "--data-dir", str(data_dir)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     )
     return out.stdout
 
@@ -54,7 +56,9 @@ def wait_for(what: str, check, timeout: float = 30.0, procs=()) -> None:  # type
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise SystemExit(f"{what}: a process exited early (code {proc.returncode}); see the log above")
+                raise SystemExit(
+                    f"{what}: a process exited early (code {proc.returncode}); see the log above"
+                )
         try:
             if check():
                 return
@@ -66,12 +70,14 @@ def wait_for(what: str, check, timeout: float = 30.0, procs=()) -> None:  # type
 
 
 def sidecar_status(port: int) -> dict:  # type: ignore[type-arg]
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as answer:  # noqa: S310
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as answer:
         return json.loads(answer.read())  # type: ignore[no-any-return]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--once", action="store_true", help="stop after printing the identities")
     parser.add_argument("--dir", type=Path, default=ROOT / ".meshtls" / "quickstart")
     args = parser.parse_args()
@@ -85,50 +91,93 @@ def main() -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         step(f"starting the CA (trust domain {TRUST_DOMAIN}, SQLite in {ca_dir})")
-        procs.append(subprocess.Popen(
-            [str(BIN / "meshtls-ca"), "serve", "--dev", "--data-dir", str(ca_dir),
-             "--trust-domain", TRUST_DOMAIN, "--listen", f"127.0.0.1:{agent_port}",
-             "--enroll-listen", f"127.0.0.1:{enroll_port}", "--http-listen", "off"],
-            env=env,
-        ))
+        procs.append(
+            subprocess.Popen(
+                [
+                    str(BIN / "meshtls-ca"),
+                    "serve",
+                    "--dev",
+                    "--data-dir",
+                    str(ca_dir),
+                    "--trust-domain",
+                    TRUST_DOMAIN,
+                    "--listen",
+                    f"127.0.0.1:{agent_port}",
+                    "--enroll-listen",
+                    f"127.0.0.1:{enroll_port}",
+                    "--http-listen",
+                    "off",
+                    "--log-level",
+                    "warning",
+                ],
+                env=env,
+            )
+        )
         wait_for("the CA admin socket", lambda: (ca_dir / "admin.sock").exists(), procs=procs)
         wait_for("the CA", lambda: bool(ca("status", data_dir=ca_dir)), procs=procs)
 
         step(f"registering identities for node {NODE} and creating a join token")
         for spiffe_id, dns in IDENTITIES:
             extra = [a for name in dns for a in ("--dns", name)]
-            ca("entry", "create", "--spiffe-id", spiffe_id, "--node", NODE, "--ttl", "1h", *extra,
-               data_dir=ca_dir)
+            ca(
+                "entry",
+                "create",
+                "--spiffe-id",
+                spiffe_id,
+                "--node",
+                NODE,
+                "--ttl",
+                "1h",
+                *extra,
+                data_dir=ca_dir,
+            )
         token = ca("token", "create", "--node", NODE, data_dir=ca_dir).strip()
         (sidecar_dir / "token").write_text(token + "\n")
         os.chmod(sidecar_dir / "token", 0o600)
         (sidecar_dir / "bundle.pem").write_text(ca("bundle", "show", data_dir=ca_dir))
 
         config = sidecar_dir / "sidecar.yaml"
-        config.write_text(json.dumps({
-            "trust_domain": TRUST_DOMAIN,
-            "node": NODE,
-            "state_dir": str(sidecar_dir / "state"),
-            "ca": {
-                "address": f"127.0.0.1:{agent_port}",
-                "enroll_address": f"127.0.0.1:{enroll_port}",
-                "trust_bundle": str(sidecar_dir / "bundle.pem"),
-                "join_token_file": str(sidecar_dir / "token"),
-            },
-            "files": [{"spiffe_id": IDENTITIES[0][0], "dir": str(sidecar_dir / "files" / "web")}],
-            "status": {"listen": f"127.0.0.1:{status_port}"},
-        }, indent=2))
+        config.write_text(
+            json.dumps(
+                {
+                    "trust_domain": TRUST_DOMAIN,
+                    "node": NODE,
+                    "state_dir": str(sidecar_dir / "state"),
+                    "ca": {
+                        "address": f"127.0.0.1:{agent_port}",
+                        "enroll_address": f"127.0.0.1:{enroll_port}",
+                        "trust_bundle": str(sidecar_dir / "bundle.pem"),
+                        "join_token_file": str(sidecar_dir / "token"),
+                    },
+                    "files": [
+                        {"spiffe_id": IDENTITIES[0][0], "dir": str(sidecar_dir / "files" / "web")}
+                    ],
+                    "status": {"listen": f"127.0.0.1:{status_port}"},
+                },
+                indent=2,
+            )
+        )
         step("starting the sidecar; it enrolls with the token (its keys never leave it)")
-        procs.append(subprocess.Popen(
-            [str(BIN / "meshtls-sidecar"), "run", "--config", str(config)], env=env,
-        ))
-        wait_for("the sidecar to hold every identity",
-                 lambda: sidecar_status(status_port).get("ready") is True, procs=procs)
+        procs.append(
+            subprocess.Popen(
+                [BIN / "meshtls-sidecar", "run", "--config", config, "--log-level", "warning"],
+                env=env,
+            )
+        )
+        wait_for(
+            "the sidecar to hold every identity",
+            lambda: sidecar_status(status_port).get("ready") is True,
+            procs=procs,
+        )
 
         step("identities held by the sidecar")
-        subprocess.run([str(BIN / "meshtls-sidecar"), "status", "--config", str(config)], check=True)
-        step(f"files for {IDENTITIES[0][0]} in {sidecar_dir / 'files' / 'web'}: "
-             + ", ".join(sorted(p.name for p in (sidecar_dir / "files" / "web").iterdir())))
+        subprocess.run(
+            [str(BIN / "meshtls-sidecar"), "status", "--config", str(config)], check=True
+        )
+        step(
+            f"files for {IDENTITIES[0][0]} in {sidecar_dir / 'files' / 'web'}: "
+            + ", ".join(sorted(p.name for p in (sidecar_dir / "files" / "web").iterdir()))
+        )
         step("what the CA recorded")
         print(ca("cert", "list", data_dir=ca_dir), end="")
         if args.once:

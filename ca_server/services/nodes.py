@@ -223,10 +223,15 @@ async def _promote(ctx: CAContext, node: Node, record: CertificateRecord) -> Non
         serial=record.serial,
         previous_serial=node.current_serial,
     )
-    promoted = await ctx.write(
-        lambda tx: tx.promote_node_certificate(node.name, record.serial, record.not_after, now),
-        [audit],
-    )
+
+    def promote(tx: Tx) -> bool:
+        if tx.promote_node_certificate(node.name, record.serial, record.not_after, now):
+            return True
+        # Another connection of the same node may have promoted it a moment ago.
+        current = tx.get_node(node.name)
+        return current is not None and current.current_serial == record.serial
+
+    promoted = await ctx.write(promote, [audit])
     if not promoted:
         raise Unauthenticated(
             f"the client certificate (serial {record.serial}) was superseded by a later "

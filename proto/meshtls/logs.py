@@ -1,5 +1,5 @@
-"""Structured logging for both processes: one line per event, `extra={...}` fields kept as
-fields (JSON lines), or a readable `key=value` text form for terminals."""
+"""Structured logging for both programs: `extra={...}` fields become JSON keys (with
+`--log-format json`, one object per line) or `key=value` pairs after the message (text)."""
 
 from __future__ import annotations
 
@@ -9,43 +9,49 @@ import sys
 import time
 from typing import Any, TextIO
 
-_STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime"}
+# Attributes every LogRecord has; anything else came from `extra=`.
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
 
 
-def fields_of(record: logging.LogRecord) -> dict[str, Any]:
-    return {k: v for k, v in record.__dict__.items() if k not in _STANDARD}
+def record_fields(record: logging.LogRecord) -> dict[str, Any]:
+    return {k: v for k, v in vars(record).items() if k not in _STANDARD and not k.startswith("_")}
 
 
 class JsonFormatter(logging.Formatter):
+    converter = staticmethod(time.gmtime)
+
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
+        doc: dict[str, Any] = {
+            "time": self.formatTime(record, "%Y-%m-%dT%H:%M:%S") + f".{int(record.msecs):03d}Z",
             "level": record.levelname.lower(),
             "logger": record.name,
-            "msg": record.getMessage(),
+            "message": record.getMessage(),
         }
-        out.update(fields_of(record))
+        doc.update(record_fields(record))
         if record.exc_info:
-            out["error"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str)
+            doc["exception"] = self.formatException(record.exc_info)
+        return json.dumps(doc, default=str)
 
 
 class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+
     def format(self, record: logging.LogRecord) -> str:
-        stamp = time.strftime("%H:%M:%S", time.localtime(record.created))
-        extra = " ".join(f"{k}={v}" for k, v in fields_of(record).items())
-        line = f"{stamp} {record.levelname:<7} {record.name}: {record.getMessage()}"
-        if extra:
-            line += f"  {extra}"
-        if record.exc_info:
-            line += "\n" + self.formatException(record.exc_info)
+        line = super().format(record)
+        fields = record_fields(record)
+        if fields:
+            line += " " + " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
         return line
 
 
 def configure(fmt: str = "text", level: str = "info", stream: TextIO | None = None) -> None:
+    """Send every log record to `stream` (stderr) in the chosen format."""
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    formatter: logging.Formatter = JsonFormatter() if fmt == "json" else TextFormatter()
+    handler.setFormatter(formatter)
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
     root.setLevel(level.upper())

@@ -1,0 +1,5 @@
+"""`python -m sidecar` is `meshtls-sidecar`."""
+
+from sidecar.cli import main
+
+main()

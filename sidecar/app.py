@@ -1,0 +1,122 @@
+"""Composition root: builds the CA client, state store, identity manager, trust watcher,
+file writer and status server from a validated config, and runs them together.
+
+Start order: the state directory is loaded first (so persisted identities are served at
+once, even with the CA down), then the status server listens, then the background tasks
+start. Stop order is the reverse. If a background task dies of a bug, `run_until` raises
+so that the process exits and its supervisor restarts it with the persisted state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+
+from meshtls.clock import Clock, SystemClock
+from meshtls.statushttp import StatusServer
+from sidecar.config import SidecarConfig
+from sidecar.files import FileWriter
+from sidecar.identity.ca_client import CAClient
+from sidecar.identity.manager import IdentityManager
+from sidecar.identity.state import StateStore
+from sidecar.identity.watch import watch_trust
+from sidecar.metrics import SidecarMetrics
+from sidecar.status import routes
+
+log = logging.getLogger(__name__)
+
+
+class SidecarApp:
+    """One sidecar. Create it inside the running event loop."""
+
+    def __init__(
+        self,
+        config: SidecarConfig,
+        *,
+        clock: Clock | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.clock: Clock = clock or SystemClock()
+        self.metrics = SidecarMetrics()
+        self.client = CAClient(config.ca)
+        self.store = StateStore(config.state_dir, config.trust_domain, config.node)
+        self.manager = IdentityManager(
+            config,
+            clock=self.clock,
+            client=self.client,
+            store=self.store,
+            metrics=self.metrics,
+            rng=rng,
+        )
+        self.metrics.watch_state(self.manager, self.clock)
+        self.files = FileWriter(config.files, self.metrics)
+        listen = config.status.listen
+        self.status = StatusServer(
+            routes(self.manager, self.clock, self.metrics), host=listen.host, port=listen.port
+        )
+        self._tasks: list[asyncio.Task[None]] = []
+
+    async def start(self) -> None:
+        await self.manager.start()
+        await self.status.start()
+        self._tasks = [
+            asyncio.create_task(self.manager.run(), name="identity-manager"),
+            asyncio.create_task(
+                watch_trust(self.manager, self.client, self.clock), name="trust-watch"
+            ),
+            asyncio.create_task(self.files.run(self.manager.subscribe()), name="file-writer"),
+        ]
+        log.info(
+            "sidecar started",
+            extra={
+                "node": self.config.node,
+                "trust_domain": self.config.trust_domain,
+                "ca": str(self.config.ca.address),
+                "status_url": self.status.url,
+            },
+        )
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
+        await self.status.stop()
+        await self.client.close()
+        log.info("sidecar stopped", extra={"node": self.config.node})
+
+    async def __aenter__(self) -> SidecarApp:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+    async def run_until(self, stop: asyncio.Event) -> None:
+        """Run until `stop` is set; re-raise if a background task fails."""
+        async with self:
+            stopper = asyncio.create_task(stop.wait(), name="stop-signal")
+            pending: set[asyncio.Task[object]] = {stopper, *self._tasks}
+            try:
+                while stopper in pending:
+                    done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+                    for task in done:
+                        if task is stopper or task.cancelled():
+                            continue
+                        error = task.exception()
+                        if error is not None:
+                            log.critical(
+                                "background task failed; stopping",
+                                extra={"task": task.get_name()},
+                                exc_info=error,
+                            )
+                            raise RuntimeError(
+                                f"background task {task.get_name()} failed: {error}"
+                            ) from error
+            finally:
+                stopper.cancel()
