@@ -13,8 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 
 import meshtls
 from ca_server.api.admin import AdminServicer, ServerInfo, spiffe_id_admin, unix_socket_admin
@@ -23,10 +21,8 @@ from ca_server.api.http import build_status_server
 from ca_server.api.server import (
     ADMIN_SERVICE,
     AGENT_SERVICE,
-    agent_credentials,
     build_admin_server,
     build_main_server,
-    enrollment_credentials,
     mark_serving,
 )
 from ca_server.authority.kek import Kek, generate_kek_file, load_kek_env, load_kek_file
@@ -40,21 +36,18 @@ from ca_server.db.store import Store
 from ca_server.domain import Authority
 from ca_server.errors import ConfigError
 from ca_server.metrics import CAMetrics
+from ca_server.server_identity import ServerIdentity
 from ca_server.services.audit import event, log_committed
 from ca_server.services.cache import TtlCache
 from ca_server.services.context import CAContext
-from ca_server.services.issuing import issue
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
 from ca_server.services.writer import GroupCommitWriter
 from meshtls.clock import Clock, SystemClock, utc
-from meshtls.identity.ids import SpiffeId
-from meshtls.identity.pem import certs_to_pem
 from meshtls.statushttp import StatusServer
 
 log = logging.getLogger(__name__)
 
-SERVER_CERT_TTL = 24 * 3600.0
 # How long a node's authentication and entry list may be served from memory. Local bans,
 # revocations and entry changes clear them at once; another replica's, within this time.
 AUTH_CACHE_SECONDS = 2.0
@@ -109,6 +102,7 @@ class CAServer:
         self._store: Store | None = None
         self._writer: GroupCommitWriter | None = None
         self._http: StatusServer | None = None
+        self.server_identity: ServerIdentity | None = None
 
     def _prepare_store(self) -> Store:
         url = self.config.effective_database_url
@@ -164,40 +158,6 @@ class CAServer:
         log_committed(events)
         return created
 
-    async def _issue_server_certificate(self, ctx: CAContext) -> tuple[bytes, bytes]:
-        """The CA's own TLS certificate: an SVID for spiffe://<td>/meshtls/ca it signs itself."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        signer = ctx.trust.keyring.signer
-        now = self.clock.now()
-        issued = issue(
-            signer,
-            key.public_key(),
-            spiffe_id=SpiffeId.for_ca(self.config.trust_domain),
-            ttl_seconds=SERVER_CERT_TTL,
-            now=now,
-            kind="ca-server",
-            node_name="",
-            dns_names=self.config.server_dns_names,
-            ip_addresses=self.config.server_ip_addresses,
-        )
-        record = issued.record
-        audit = event(
-            now,
-            "system",
-            "certificate.issue",
-            record.serial,
-            kind="ca-server",
-            spiffe_id=record.spiffe_id,
-            not_after=utc(record.not_after).isoformat(),
-        )
-        await ctx.write(lambda tx: tx.add_certificates([record]), [audit])
-        key_pem = key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-        return key_pem, certs_to_pem(issued.chain)
-
     async def start(self) -> BoundAddresses:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -235,8 +195,11 @@ class CAServer:
                 for a in ctx.trust.keyring.authorities
             ]
         )
-        key_pem, chain_pem = await self._issue_server_certificate(ctx)
-        roots_pem = trust.snapshot.roots_pem
+        identity = ServerIdentity(ctx, config.server_cert_ttl)
+        await identity.start()
+        self.server_identity = identity
+        assert identity.agent is not None
+        assert identity.enrollment is not None
 
         info = ServerInfo(
             version=meshtls.__version__,
@@ -250,11 +213,9 @@ class CAServer:
             AdminServicer(ctx, spiffe_id_admin(ctx), info),
             max_message_bytes=config.max_message_bytes,
         )
-        agent_port = main.add_secure_port(
-            str(config.listen), agent_credentials(key_pem, chain_pem, roots_pem)
-        )
+        agent_port = main.add_secure_port(str(config.listen), identity.agent.credentials())
         enroll_port = main.add_secure_port(
-            str(config.enroll_listen), enrollment_credentials(key_pem, chain_pem)
+            str(config.enroll_listen), identity.enrollment.credentials()
         )
         if not agent_port or not enroll_port:
             raise ConfigError(f"cannot listen on {config.listen} or {config.enroll_listen}")
@@ -303,6 +264,9 @@ class CAServer:
             self._http = None
         for server in self._servers:
             await server.stop(grace)
+        if self.server_identity is not None:
+            await self.server_identity.stop()
+            self.server_identity = None
         self._servers, self._health = [], []
         if self._writer is not None:
             self._writer.stop()

@@ -72,6 +72,7 @@ class CAConfig:
     # DNS names clients use to reach the CA; its certificate always carries the IPs below.
     server_dns_names: tuple[str, ...] = ()
     server_ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1")
+    server_cert_ttl: float = 24 * 3600  # the CA's own TLS certificate, renewed at half-life
     root_ttl: float = 10 * 365 * 86400
     intermediate_ttl: float = 30 * 86400
     node_ttl: float = 24 * 3600
@@ -102,6 +103,7 @@ class CAConfig:
 
 
 _DURATIONS = {
+    "server_cert_ttl",
     "root_ttl",
     "intermediate_ttl",
     "node_ttl",

@@ -52,18 +52,6 @@ def build_main_server(
     return server, _add_health_and_reflection(server, [AGENT_SERVICE, ADMIN_SERVICE])
 
 
-def agent_credentials(key_pem: bytes, chain_pem: bytes, roots_pem: bytes) -> grpc.ServerCredentials:
-    """Mutual TLS: a client certificate chaining to one of our roots is required."""
-    return grpc.ssl_server_credentials(
-        [(key_pem, chain_pem)], root_certificates=roots_pem, require_client_auth=True
-    )
-
-
-def enrollment_credentials(key_pem: bytes, chain_pem: bytes) -> grpc.ServerCredentials:
-    """Server-authenticated TLS: enrolling nodes have no certificate yet."""
-    return grpc.ssl_server_credentials([(key_pem, chain_pem)], require_client_auth=False)
-
-
 def build_admin_server(
     admin: AdminServicer, socket_path: Path, *, max_message_bytes: int
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
