@@ -7,12 +7,15 @@ stop: health NOT_SERVING -> servers drain -> writer flushes -> database closes.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 import meshtls
 from ca_server.api.admin import AdminServicer, ServerInfo, spiffe_id_admin, unix_socket_admin
@@ -28,6 +31,7 @@ from ca_server.api.server import (
 from ca_server.authority.kek import Kek, generate_kek_file, load_kek_env, load_kek_file
 from ca_server.authority.keyring import Keyring
 from ca_server.authority.material import bootstrap_authorities
+from ca_server.authority.rotation import RotationSettings
 from ca_server.authority.upstream import load_upstream
 from ca_server.config import KEK_ENV, CAConfig
 from ca_server.db import migrate
@@ -38,6 +42,7 @@ from ca_server.errors import ConfigError
 from ca_server.metrics import CAMetrics
 from ca_server.server_identity import ServerIdentity
 from ca_server.services.audit import event, log_committed
+from ca_server.services.authorities import AuthorityManager
 from ca_server.services.cache import TtlCache
 from ca_server.services.context import CAContext
 from ca_server.services.ratelimit import RateLimiter
@@ -103,6 +108,9 @@ class CAServer:
         self._writer: GroupCommitWriter | None = None
         self._http: StatusServer | None = None
         self.server_identity: ServerIdentity | None = None
+        self.authorities: AuthorityManager | None = None
+        self._scheduler: AsyncIOScheduler | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     def _prepare_store(self) -> Store:
         url = self.config.effective_database_url
@@ -198,6 +206,33 @@ class CAServer:
         identity = ServerIdentity(ctx, config.server_cert_ttl)
         await identity.start()
         self.server_identity = identity
+        self.authorities = AuthorityManager(
+            ctx,
+            kek,
+            RotationSettings(
+                intermediate_ttl=config.intermediate_ttl,
+                root_ttl=config.root_ttl,
+                retired_grace=config.retired_root_grace,
+            ),
+            on_roots_changed=identity.update_client_roots,
+        )
+        await self.authorities.reload()
+        await self.authorities.tick()
+        self._scheduler = AsyncIOScheduler()
+        self._scheduler.add_job(
+            self.authorities.tick,
+            "interval",
+            seconds=config.rotation_check_interval,
+            id="rotation-check",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.start()
+        self._tasks.append(
+            asyncio.create_task(
+                self.authorities.poll_forever(config.trust_poll_interval), name="trust-poll"
+            )
+        )
         assert identity.agent is not None
         assert identity.enrollment is not None
 
@@ -259,6 +294,14 @@ class CAServer:
     async def stop(self, grace: float = 5.0) -> None:
         for health_servicer in self._health:
             await health_servicer.enter_graceful_shutdown()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+        for task in self._tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks = []
         if self._http is not None:
             await self._http.stop()
             self._http = None

@@ -78,6 +78,9 @@ class CAConfig:
     node_ttl: float = 24 * 3600
     default_leaf_ttl: float = 3600
     max_leaf_ttl: float = 24 * 3600
+    rotation_check_interval: float = 60  # how often the rotation job looks at the journal
+    trust_poll_interval: float = 1  # how often to look for other replicas' changes
+    retired_root_grace: float = 3600  # a retired root stays trusted this long after its last leaf
     join_token_ttl: float = 600
     max_join_token_ttl: float = 7 * 86400
     upstream: UpstreamConfig | None = None
@@ -103,6 +106,9 @@ class CAConfig:
 
 
 _DURATIONS = {
+    "rotation_check_interval",
+    "trust_poll_interval",
+    "retired_root_grace",
     "server_cert_ttl",
     "root_ttl",
     "intermediate_ttl",

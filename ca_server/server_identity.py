@@ -32,6 +32,7 @@ class ServerIdentity:
         self._ttl = ttl
         self._current: Issued | None = None
         self._task: asyncio.Task[None] | None = None
+        self._pems: tuple[bytes, bytes] | None = None  # (key, chain) being served
         self.agent: ReloadableServerCredentials | None = None
         self.enrollment: ReloadableServerCredentials | None = None
 
@@ -73,7 +74,8 @@ class ServerIdentity:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        return key_pem, certs_to_pem(issued.chain)
+        self._pems = (key_pem, certs_to_pem(issued.chain))
+        return self._pems
 
     async def start(self) -> None:
         """Issue the first certificate and build the two listeners' credentials."""
@@ -97,6 +99,12 @@ class ServerIdentity:
                 "not_after": utc(self.current.record.not_after).isoformat(),
             },
         )
+
+    def update_client_roots(self, roots_pem: bytes) -> None:
+        """The trust bundle changed (a root was added or dropped): accept client
+        certificates chaining to exactly these roots on every new handshake."""
+        if self.agent is not None and self._pems is not None:
+            self.agent.update(*self._pems, roots_pem)
 
     async def _renew_forever(self) -> None:
         backoff = Backoff(initial=1.0, maximum=60.0)

@@ -8,7 +8,7 @@ and swaps it in, so a failed build leaves the old one serving.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -31,9 +31,18 @@ class Keyring:
     active_intermediate: Authority
 
     @classmethod
-    def from_authorities(cls, authorities: Sequence[Authority], kek: Kek) -> Keyring:
+    def from_authorities(
+        cls,
+        authorities: Sequence[Authority],
+        kek: Kek,
+        *,
+        bundle_root_ids: Collection[str] | None = None,
+    ) -> Keyring:
         """Build the keyring; ConfigError when there is no usable active intermediate
-        (none, several, no key, a key the KEK does not open, a broken chain)."""
+        (none, several, no key, a key the KEK does not open, a broken chain).
+
+        `bundle_root_ids`: the roots of the trust bundle (see
+        `ca_server.authority.rotation.bundle_root_ids`); default: every root not retired."""
         active = [a for a in authorities if a.kind == "intermediate" and a.state == "active"]
         if not active:
             raise ConfigError(
@@ -59,7 +68,10 @@ class Keyring:
                 f"(the KEK given has id {kek.id})"
             ) from None
         roots = tuple(
-            load_authority_cert(a) for a in authorities if a.kind == "root" and a.state != "retired"
+            load_authority_cert(a)
+            for a in authorities
+            if a.kind == "root"
+            and (a.id in bundle_root_ids if bundle_root_ids is not None else a.state != "retired")
         )
         log.info(
             "keyring ready",

@@ -18,7 +18,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 
 from ca_server.authority.kek import Kek
-from ca_server.authority.keys import CAPrivateKey, decrypt_private_key, public_key_der
+from ca_server.authority.keys import (
+    CAPrivateKey,
+    decrypt_private_key,
+    public_key_der,
+    signature_hash,
+)
 from ca_server.authority.templates import (
     IPAddress,
     IssuerInfo,
@@ -227,6 +232,13 @@ class Signer:
                 f"discarded (a bug in meshtls): {exc}"
             ) from None
         return leaf
+
+    def sign_crl(
+        self, builder: x509.CertificateRevocationListBuilder
+    ) -> x509.CertificateRevocationList:
+        """Sign a CRL with this intermediate's key (the key itself never leaves the Signer).
+        The caller sets the issuer name, dates and extensions (`authority.crl.build_crl`)."""
+        return builder.sign(self._key, signature_hash(self._key))
 
     def __repr__(self) -> str:
         return f"Signer(authority_id={self._authority_id!r})"

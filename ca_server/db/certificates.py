@@ -129,6 +129,12 @@ class CertificateOps(TxBase):
         )
         return [_record(row) for row in self._exec(statement)]
 
+    def latest_expiry_by_issuer(self) -> dict[str, float]:
+        """issuer (authority) id -> the latest NotAfter among the certificates it signed."""
+        latest = func.max(_C.not_after).label("latest")
+        statement = select(_C.issuer_id, latest).group_by(_C.issuer_id)
+        return {row.issuer_id: float(row.latest) for row in self._exec(statement)}
+
     def certificate_counts(self, now: float) -> dict[str, int]:
         """How many records are valid, expired and revoked at `now` (one pass)."""
 

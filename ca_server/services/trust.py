@@ -40,10 +40,20 @@ class TrustState:
     def snapshot(self) -> TrustSnapshot:
         return self._snapshot
 
-    def publish(self, version: int, revoked: list[CertificateRecord]) -> None:
-        if version == self._snapshot.version and tuple(revoked) == self._snapshot.revoked:
+    def publish(
+        self, version: int, revoked: list[CertificateRecord], keyring: Keyring | None = None
+    ) -> None:
+        """Swap in a new state (and keyring, after a rotation); wake every watcher."""
+        if keyring is not None:
+            self._keyring = keyring
+        roots = tuple(self._keyring.roots)
+        if (version, roots, tuple(revoked)) == (
+            self._snapshot.version,
+            self._snapshot.roots,
+            self._snapshot.revoked,
+        ):
             return
-        self._snapshot = TrustSnapshot(version, tuple(self._keyring.roots), tuple(revoked))
+        self._snapshot = TrustSnapshot(version, roots, tuple(revoked))
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
 

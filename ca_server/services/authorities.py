@@ -1,0 +1,185 @@
+"""The authority journal at run time: apply rotation plans (prepare, activate, retire),
+and keep this process's keyring and trust snapshot in step with the database, including
+changes made by another replica (the bundle version is polled)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+
+from ca_server.authority.kek import Kek
+from ca_server.authority.keyring import Keyring
+from ca_server.authority.keys import decrypt_private_key
+from ca_server.authority.material import new_generation, new_intermediate
+from ca_server.authority.rotation import Action, RotationSettings, bundle_root_ids, plan
+from ca_server.db.tx import Tx
+from ca_server.domain import Authority
+from ca_server.errors import CAError, FailedPrecondition
+from ca_server.services.audit import event
+from ca_server.services.context import CAContext
+from meshtls.clock import utc
+
+log = logging.getLogger(__name__)
+
+
+class AuthorityManager:
+    def __init__(
+        self,
+        ctx: CAContext,
+        kek: Kek,
+        settings: RotationSettings,
+        on_roots_changed: Callable[[bytes], None] | None = None,
+    ) -> None:
+        self._ctx = ctx
+        self._kek = kek
+        self.settings = settings
+        self._on_roots_changed = on_roots_changed
+        self._lock = asyncio.Lock()
+
+    def build_keyring(
+        self, authorities: list[Authority], last_leaf_expiry: dict[str, float]
+    ) -> Keyring:
+        ids = bundle_root_ids(
+            authorities, self._ctx.clock.now(), last_leaf_expiry, self.settings.retired_grace
+        )
+        return Keyring.from_authorities(authorities, self._kek, bundle_root_ids=ids)
+
+    async def reload(self) -> None:
+        """Rebuild the keyring and the trust snapshot from the database and publish them."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+
+        def load(tx: Tx) -> tuple[int, list[Authority], dict[str, float], list]:  # type: ignore[type-arg]
+            return (
+                tx.bundle_version(),
+                tx.list_authorities(),
+                tx.latest_expiry_by_issuer(),
+                tx.revoked_unexpired(now),
+            )
+
+        version, authorities, expiry, revoked = await ctx.read(load)
+        old_roots = ctx.trust.snapshot.roots
+        keyring = self.build_keyring(authorities, expiry)
+        ctx.trust.publish(version, revoked, keyring)
+        ctx.metrics.revoked.set(len(revoked))
+        ctx.auth_cache.clear()
+        if keyring.roots != old_roots:
+            log.info(
+                "trust bundle changed",
+                extra={
+                    "version": version,
+                    "roots": len(keyring.roots),
+                    "signer": keyring.signer.authority_id,
+                },
+            )
+            if self._on_roots_changed is not None:
+                self._on_roots_changed(ctx.trust.snapshot.roots_pem)
+
+    async def poll_forever(self, interval: float = 1.0) -> None:
+        """Pick up authorities and revocations another replica committed."""
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                version = await self._ctx.read(lambda tx: tx.bundle_version())
+                if version != self._ctx.trust.snapshot.version:
+                    await self.reload()
+            except CAError as exc:
+                log.warning("trust state poll failed", extra={"reason": exc.message})
+
+    async def tick(self, *, force: bool = False) -> list[Action]:
+        """Apply what the rotation plan says is due now; return what was done."""
+        async with self._lock:
+            authorities = await self._ctx.read(lambda tx: tx.list_authorities())
+            now = self._ctx.clock.now()
+            actions = plan(authorities, now, self.settings, force=force)
+            for action in actions:
+                await self._apply(action, authorities, now)
+            if actions:
+                await self.reload()
+            return actions
+
+    async def _apply(self, action: Action, authorities: list[Authority], now: float) -> None:
+        ctx = self._ctx
+        by_id = {a.id: a for a in authorities}
+        td = ctx.config.trust_domain
+        if action.kind == "prepare_intermediate":
+            root = by_id[action.authority_id or ""]
+            created = [
+                new_intermediate(
+                    root,
+                    decrypt_private_key(root, self._kek),
+                    trust_domain=td,
+                    ttl=self.settings.intermediate_ttl,
+                    now=now,
+                    kek=self._kek,
+                )
+            ]
+        elif action.kind == "prepare_generation":
+            created = new_generation(
+                td,
+                root_ttl=self.settings.root_ttl,
+                intermediate_ttl=self.settings.intermediate_ttl,
+                now=now,
+                kek=self._kek,
+            )
+        else:
+            await self._activate(by_id, action, now)
+            return
+        events = [
+            event(
+                now,
+                "system",
+                "authority.prepare",
+                a.id,
+                kind=a.kind,
+                reason=action.reason,
+                fingerprint=a.fingerprint_sha256,
+                not_after=utc(a.not_after).isoformat(),
+            )
+            for a in created
+        ]
+
+        def add(tx: Tx) -> None:
+            for a in created:
+                tx.add_authority(a)
+
+        await ctx.write(add, events)
+
+    async def _activate(self, by_id: dict[str, Authority], action: Action, now: float) -> None:
+        prepared = by_id[action.authority_id or ""]
+        new_root = by_id.get(prepared.parent_id or "")
+        if new_root is None:
+            raise FailedPrecondition(f"the root of prepared intermediate {prepared.id} is missing")
+        changes: list[tuple[str, str]] = [(prepared.id, "active")]
+        for a in by_id.values():
+            if a.kind == "intermediate" and a.state == "active":
+                changes.append((a.id, "retired"))
+            if a.kind == "root" and a.state == "active" and a.id != new_root.id:
+                changes.append((a.id, "retired"))
+        if new_root.state == "prepared":
+            changes.append((new_root.id, "active"))
+        events = [
+            event(
+                now,
+                "system",
+                "authority.activate" if state == "active" else "authority.retire",
+                authority_id,
+                reason=action.reason,
+            )
+            for authority_id, state in changes
+        ]
+
+        def apply(tx: Tx) -> None:
+            for authority_id, state in changes:
+                tx.set_authority_state(authority_id, state, now)  # type: ignore[arg-type]
+
+        await self._ctx.write(apply, events)
+        log.warning(
+            "signing authority rotated",
+            extra={
+                "activated": prepared.id,
+                "reason": action.reason,
+                "retired": [i for i, s in changes if s == "retired"],
+            },
+        )
