@@ -348,6 +348,15 @@ def _run_node(client: AdminClient, args: argparse.Namespace) -> int:
 def _build_authority(actions: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     listing = actions.add_parser("list", help="list CA certificates (roots and intermediates)")
     listing.add_argument("--json", action="store_true")
+    rotate = actions.add_parser(
+        "rotate",
+        help="prepare and publish the next authority now; activate it once it has propagated",
+    )
+    rotate.add_argument(
+        "--force",
+        action="store_true",
+        help="activate at once, before every peer may have the new trust bundle",
+    )
 
 
 def _authority_rows(authorities: list[admin_pb2.AuthorityRecord]) -> None:
@@ -368,6 +377,22 @@ def _authority_rows(authorities: list[admin_pb2.AuthorityRecord]) -> None:
 
 
 def _run_authority(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.action == "rotate":
+        if args.force:
+            print(
+                "WARNING: activating at once; sidecars that have not fetched the new trust "
+                "bundle yet may refuse certificates signed by it",
+                file=sys.stderr,
+            )
+        done = client.stub.RotateAuthority(
+            admin_pb2.RotateAuthorityRequest(immediate=args.force), timeout=TIMEOUT
+        )
+        for action in done.actions or ["nothing to do: a prepared authority is waiting"]:
+            print(action)
+        if done.HasField("activates_at"):
+            print(f"the prepared authority activates at {_time(done.activates_at)}")
+        _authority_rows(list(done.authorities))
+        return 0
     answer = client.stub.ListAuthorities(admin_pb2.ListAuthoritiesRequest(), timeout=TIMEOUT)
     _json(list(answer.authorities)) if args.json else _authority_rows(list(answer.authorities))
     return 0
@@ -381,6 +406,24 @@ def _run_bundle(client: AdminClient, args: argparse.Namespace) -> int:
     bundle = client.stub.GetTrustBundle(types_pb2.GetTrustBundleRequest(), timeout=TIMEOUT)
     for der in bundle.root_certificates:
         sys.stdout.write(x509.load_der_x509_certificate(der).public_bytes(Encoding.PEM).decode())
+    return 0
+
+
+def _build_crl(actions: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    show = actions.add_parser("show", help="print the current CRL (PEM by default)")
+    form = show.add_mutually_exclusive_group()
+    form.add_argument("--pem", action="store_true", help="PEM (default)")
+    form.add_argument("--der", action="store_true", help="raw DER bytes on stdout")
+
+
+def _run_crl(client: AdminClient, args: argparse.Namespace) -> int:
+    crl = client.stub.GetCrl(types_pb2.GetCrlRequest(), timeout=TIMEOUT)
+    if args.der:
+        sys.stdout.buffer.write(crl.der)
+    else:
+        parsed = x509.load_der_x509_crl(crl.der)
+        sys.stdout.write(parsed.public_bytes(Encoding.PEM).decode())
+        print(f"CRL number {crl.number}, next update {_time(crl.next_update)}", file=sys.stderr)
     return 0
 
 
@@ -417,5 +460,6 @@ COMMANDS: dict[str, Command] = {
     "node": Command("enrolled nodes", _build_node, _run_node),
     "authority": Command("signing authorities", _build_authority, _run_authority),
     "bundle": Command("trust bundle", _build_bundle, _run_bundle),
+    "crl": Command("certificate revocation list", _build_crl, _run_crl),
     "status": Command("the CA at a glance", _build_status, _run_status, flat=True),
 }

@@ -45,6 +45,7 @@ from ca_server.services.audit import event, log_committed
 from ca_server.services.authorities import AuthorityManager
 from ca_server.services.cache import TtlCache
 from ca_server.services.context import CAContext
+from ca_server.services.crl import CrlCache
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
 from ca_server.services.writer import GroupCommitWriter
@@ -195,6 +196,7 @@ class CAServer:
             auth_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
             entries_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
         )
+        ctx.crl = CrlCache()
         self.ctx = ctx
         self.metrics.revoked.set(len(revoked))
         self.metrics.expiry_gauge(
@@ -213,6 +215,7 @@ class CAServer:
                 intermediate_ttl=config.intermediate_ttl,
                 root_ttl=config.root_ttl,
                 retired_grace=config.retired_root_grace,
+                min_propagation=config.rotation_min_propagation,
             ),
             on_roots_changed=identity.update_client_roots,
         )
@@ -245,7 +248,7 @@ class CAServer:
         )
         main, main_health = build_main_server(
             AgentServicer(ctx),
-            AdminServicer(ctx, spiffe_id_admin(ctx), info),
+            AdminServicer(ctx, spiffe_id_admin(ctx), info, self.authorities),
             max_message_bytes=config.max_message_bytes,
         )
         agent_port = main.add_secure_port(str(config.listen), identity.agent.credentials())
@@ -255,7 +258,7 @@ class CAServer:
         if not agent_port or not enroll_port:
             raise ConfigError(f"cannot listen on {config.listen} or {config.enroll_listen}")
         admin, admin_health = build_admin_server(
-            AdminServicer(ctx, unix_socket_admin(ctx), info),
+            AdminServicer(ctx, unix_socket_admin(ctx), info, self.authorities),
             config.admin_socket_path,
             max_message_bytes=config.max_message_bytes,
         )
@@ -297,6 +300,8 @@ class CAServer:
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
             self._scheduler = None
+        if self.authorities is not None:
+            await self.authorities.stop()
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

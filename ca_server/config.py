@@ -80,6 +80,7 @@ class CAConfig:
     max_leaf_ttl: float = 24 * 3600
     rotation_check_interval: float = 60  # how often the rotation job looks at the journal
     trust_poll_interval: float = 1  # how often to look for other replicas' changes
+    rotation_min_propagation: float = 60  # a requested rotation activates this long after
     retired_root_grace: float = 3600  # a retired root stays trusted this long after its last leaf
     join_token_ttl: float = 600
     max_join_token_ttl: float = 7 * 86400
@@ -106,6 +107,7 @@ class CAConfig:
 
 
 _DURATIONS = {
+    "rotation_min_propagation",
     "rotation_check_interval",
     "trust_poll_interval",
     "retired_root_grace",

@@ -14,9 +14,16 @@ from ca_server.api import convert
 from ca_server.api.agent import peer_certificate
 from ca_server.api.errors import rpc
 from ca_server.db.tx import Tx
-from ca_server.errors import InvalidRequest, PermissionDenied, Unauthenticated
+from ca_server.errors import (
+    FailedPrecondition,
+    InvalidRequest,
+    PermissionDenied,
+    Unauthenticated,
+)
 from ca_server.metrics import CAMetrics
 from ca_server.services import admin, nodes
+from ca_server.services.audit import event
+from ca_server.services.authorities import AuthorityManager
 from ca_server.services.context import CAContext
 from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
 from meshtls.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -89,8 +96,15 @@ def _metrics(servicer: AdminServicer) -> CAMetrics:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
-    def __init__(self, ctx: CAContext, authorize: Authorizer, info: ServerInfo) -> None:
+    def __init__(
+        self,
+        ctx: CAContext,
+        authorize: Authorizer,
+        info: ServerInfo,
+        authorities: AuthorityManager | None = None,
+    ) -> None:
         self.ctx = ctx
+        self._authorities = authorities
         self._authorize = authorize
         self._info = info
 
@@ -225,6 +239,38 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         await self._authorize(context)
         found = await self.ctx.read(lambda tx: tx.list_authorities())
         return admin_pb2.ListAuthoritiesResponse(authorities=[convert.authority(a) for a in found])
+
+    @rpc(_metrics)
+    async def RotateAuthority(
+        self, request: admin_pb2.RotateAuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.RotateAuthorityResponse:
+        actor = await self._authorize(context)
+        if self._authorities is None:
+            raise FailedPrecondition("this server does not manage its authorities")
+        done = await self._authorities.request_rotation(immediate=request.immediate)
+        found = await self.ctx.read(lambda tx: tx.list_authorities())
+        audit = event(
+            self.ctx.clock.now(),
+            actor,
+            "authority.rotate.request",
+            "ca",
+            immediate=request.immediate,
+            actions=[f"{a.kind}: {a.reason}" for a in done],
+        )
+        await self.ctx.write(lambda tx: None, [audit])
+        due = self._authorities.activation_due_at(found)
+        return admin_pb2.RotateAuthorityResponse(
+            actions=[f"{a.kind}: {a.reason}" for a in done],
+            activates_at=convert.ts(due),
+            authorities=[convert.authority(a) for a in found],
+        )
+
+    @rpc(_metrics)
+    async def GetCrl(
+        self, request: types_pb2.GetCrlRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.Crl:
+        await self._authorize(context)
+        return convert.crl(self.ctx.crl.get(self.ctx))
 
     @rpc(_metrics)
     async def GetTrustBundle(

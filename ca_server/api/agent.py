@@ -97,6 +97,12 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     ) -> types_pb2.TrustBundle:
         return self._bundle()
 
+    @rpc(_metrics)
+    async def GetCrl(
+        self, request: types_pb2.GetCrlRequest, context: grpc.aio.ServicerContext
+    ) -> types_pb2.Crl:
+        return convert.crl(self.ctx.crl.get(self.ctx))
+
     async def Watch(
         self, request: agent_pb2.WatchRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[agent_pb2.TrustSnapshot]:

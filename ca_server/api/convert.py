@@ -5,6 +5,7 @@ from __future__ import annotations
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from ca_server.domain import Authority, CertificateRecord, Entry, Node
+from ca_server.services.crl import CurrentCrl
 from ca_server.services.trust import TrustSnapshot
 from meshtls.v1 import admin_pb2, types_pb2
 
@@ -27,6 +28,15 @@ def bundle(trust_domain: str, snapshot: TrustSnapshot) -> types_pb2.TrustBundle:
         root_certificates=[c.public_bytes(Encoding.DER) for c in snapshot.roots],
         version=snapshot.version,
         refresh_hint_seconds=BUNDLE_REFRESH_HINT_SECONDS,
+    )
+
+
+def crl(current: CurrentCrl) -> types_pb2.Crl:
+    return types_pb2.Crl(
+        der=current.der,
+        number=current.number,
+        this_update=ts(current.this_update),
+        next_update=ts(current.next_update),
     )
 
 

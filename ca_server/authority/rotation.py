@@ -63,10 +63,17 @@ def prepared_intermediate(authorities: Sequence[Authority]) -> Authority | None:
 
 
 def plan(
-    authorities: Sequence[Authority], now: float, settings: RotationSettings, *, force: bool = False
+    authorities: Sequence[Authority],
+    now: float,
+    settings: RotationSettings,
+    *,
+    requested: bool = False,
+    immediate: bool = False,
 ) -> list[Action]:
-    """What to do now; [] when nothing is due. `force`: prepare now if nothing is prepared,
-    and activate what is prepared once it has propagated."""
+    """What to do now; [] when nothing is due. `requested` (an operator's rotate): prepare
+    now if nothing is prepared, and activate once it has propagated. `immediate`: also
+    activate at once, propagated or not."""
+    force = requested or immediate
     active, root = active_pair(authorities)
     if active is None or root is None:
         return []
@@ -77,7 +84,11 @@ def plan(
     expired = now >= active.not_after
     if prepared is None:
         if force or expired or _fraction(active, now) >= PREPARE_AT:
-            why = "forced" if force else ("active intermediate expired" if expired else "half-life")
+            why = (
+                "requested"
+                if force
+                else ("active intermediate expired" if expired else "half-life")
+            )
             if (
                 _fraction(root, now) >= PREPARE_AT
                 or root.not_after - now < 2 * settings.intermediate_ttl
@@ -92,8 +103,10 @@ def plan(
     propagated = published_for >= settings.min_propagation
     if expired:
         return [Action("activate", "active intermediate expired (emergency)", prepared.id)]
+    if immediate:
+        return [Action("activate", "forced at once, before propagation", prepared.id)]
     if (force and propagated) or (_fraction(active, now) >= ACTIVATE_AT and propagated):
-        return [Action("activate", "forced" if force else "5/6 of lifetime", prepared.id)]
+        return [Action("activate", "requested" if force else "5/6 of lifetime", prepared.id)]
     return []
 
 

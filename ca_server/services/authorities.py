@@ -5,6 +5,7 @@ changes made by another replica (the bundle version is polled)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 
@@ -12,7 +13,13 @@ from ca_server.authority.kek import Kek
 from ca_server.authority.keyring import Keyring
 from ca_server.authority.keys import decrypt_private_key
 from ca_server.authority.material import new_generation, new_intermediate
-from ca_server.authority.rotation import Action, RotationSettings, bundle_root_ids, plan
+from ca_server.authority.rotation import (
+    Action,
+    RotationSettings,
+    bundle_root_ids,
+    plan,
+    prepared_intermediate,
+)
 from ca_server.db.tx import Tx
 from ca_server.domain import Authority
 from ca_server.errors import CAError, FailedPrecondition
@@ -36,6 +43,8 @@ class AuthorityManager:
         self.settings = settings
         self._on_roots_changed = on_roots_changed
         self._lock = asyncio.Lock()
+        self._requested = False
+        self._pending_activation: asyncio.Task[None] | None = None
 
     def build_keyring(
         self, authorities: list[Authority], last_leaf_expiry: dict[str, float]
@@ -87,17 +96,80 @@ class AuthorityManager:
             except CAError as exc:
                 log.warning("trust state poll failed", extra={"reason": exc.message})
 
-    async def tick(self, *, force: bool = False) -> list[Action]:
-        """Apply what the rotation plan says is due now; return what was done."""
+    async def tick(self, *, immediate: bool = False) -> list[Action]:
+        """Apply what the rotation plan says is due now (and what an operator requested);
+        return what was done."""
         async with self._lock:
-            authorities = await self._ctx.read(lambda tx: tx.list_authorities())
-            now = self._ctx.clock.now()
-            actions = plan(authorities, now, self.settings, force=force)
-            for action in actions:
-                await self._apply(action, authorities, now)
-            if actions:
+            done: list[Action] = []
+            for _ in range(3):  # e.g. prepare then, with `immediate`, activate
+                authorities = await self._ctx.read(lambda tx: tx.list_authorities())
+                now = self._ctx.clock.now()
+                actions = plan(
+                    authorities,
+                    now,
+                    self.settings,
+                    requested=self._requested,
+                    immediate=immediate,
+                )
+                if not actions:
+                    break
+                for action in actions:
+                    await self._apply(action, authorities, now)
+                done += actions
                 await self.reload()
-            return actions
+                if any(a.kind == "activate" for a in actions):
+                    self._requested = False
+                    break  # a rotation ends with its activation
+            return done
+
+    async def request_rotation(self, *, immediate: bool) -> list[Action]:
+        """An operator's `authority rotate`: prepare and publish now; activate once the new
+        authority has propagated (the scheduled check does it), or at once if `immediate`."""
+        self._requested = True
+        actions = await self.tick(immediate=immediate)
+        if self._requested:
+            authorities = await self._ctx.read(lambda tx: tx.list_authorities())
+            due = self.activation_due_at(authorities)
+            if due is not None:
+                self._pending_activation = asyncio.create_task(
+                    self._activate_at(due), name="requested-activation"
+                )
+        if immediate:
+            log.warning(
+                "authority rotated at once on request, before peers could learn the new trust "
+                "bundle; sidecars that have not fetched it yet may refuse new certificates",
+            )
+        return actions
+
+    async def _activate_at(self, due: float) -> None:
+        await self._ctx.clock.sleep_until(due)
+        try:
+            await self.tick()
+        except CAError as exc:
+            log.error(
+                "requested activation failed; the scheduled check will retry",
+                extra={"reason": exc.message},
+            )
+
+    async def stop(self) -> None:
+        task, self._pending_activation = self._pending_activation, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    def activation_due_at(self, authorities: list[Authority]) -> float | None:
+        """When a requested rotation's prepared authority may be activated."""
+        prepared = prepared_intermediate(authorities)
+        if prepared is None or not self._requested:
+            return None
+        root = next((a for a in authorities if a.id == prepared.parent_id), None)
+        published = (
+            root.created_at
+            if root is not None and root.state == "prepared"
+            else prepared.created_at
+        )
+        return published + self.settings.min_propagation
 
     async def _apply(self, action: Action, authorities: list[Authority], now: float) -> None:
         ctx = self._ctx

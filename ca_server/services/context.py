@@ -35,6 +35,7 @@ class CAContext:
     auth_cache: TtlCache[str, Any]
     # node name -> its registration entries
     entries_cache: TtlCache[str, Any]
+    crl: Any = None  # services.crl.CrlCache, set by the composition root
 
     async def read(self, fn: Callable[[Tx], T]) -> T:
         """Run `fn` in a read-only transaction on a worker thread."""

@@ -514,6 +514,58 @@ class ListAuthoritiesRequest(_message.Message):
 Global___ListAuthoritiesRequest: _TypeAlias = ListAuthoritiesRequest  # noqa: Y015
 
 @_typing.final
+class RotateAuthorityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMMEDIATE_FIELD_NUMBER: _builtins.int
+    immediate: _builtins.bool
+    """Activate at once, without waiting for the new authority to reach every peer."""
+    def __init__(
+        self,
+        *,
+        immediate: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["immediate", b"immediate"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateAuthorityRequest: _TypeAlias = RotateAuthorityRequest  # noqa: Y015
+
+@_typing.final
+class RotateAuthorityResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACTIONS_FIELD_NUMBER: _builtins.int
+    ACTIVATES_AT_FIELD_NUMBER: _builtins.int
+    AUTHORITIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def actions(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What was done, e.g. "prepare_intermediate: forced", "activate: forced"."""
+
+    @_builtins.property
+    def activates_at(self) -> _timestamp_pb2.Timestamp:
+        """When the prepared authority will be activated (unset when already active)."""
+
+    @_builtins.property
+    def authorities(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthorityRecord]: ...
+    def __init__(
+        self,
+        *,
+        actions: _abc.Iterable[_builtins.str] | None = ...,
+        activates_at: _timestamp_pb2.Timestamp | None = ...,
+        authorities: _abc.Iterable[Global___AuthorityRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activates_at", b"activates_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actions", b"actions", "activates_at", b"activates_at", "authorities", b"authorities"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RotateAuthorityResponse: _TypeAlias = RotateAuthorityResponse  # noqa: Y015
+
+@_typing.final
 class ListAuthoritiesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -87,6 +87,16 @@ class AdminServiceStub:
                 request_serializer=meshtls_dot_v1_dot_admin__pb2.ListAuthoritiesRequest.SerializeToString,
                 response_deserializer=meshtls_dot_v1_dot_admin__pb2.ListAuthoritiesResponse.FromString,
                 _registered_method=True)
+        self.RotateAuthority = channel.unary_unary(
+                '/meshtls.v1.AdminService/RotateAuthority',
+                request_serializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityRequest.SerializeToString,
+                response_deserializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityResponse.FromString,
+                _registered_method=True)
+        self.GetCrl = channel.unary_unary(
+                '/meshtls.v1.AdminService/GetCrl',
+                request_serializer=meshtls_dot_v1_dot_types__pb2.GetCrlRequest.SerializeToString,
+                response_deserializer=meshtls_dot_v1_dot_types__pb2.Crl.FromString,
+                _registered_method=True)
         self.GetTrustBundle = channel.unary_unary(
                 '/meshtls.v1.AdminService/GetTrustBundle',
                 request_serializer=meshtls_dot_v1_dot_types__pb2.GetTrustBundleRequest.SerializeToString,
@@ -164,6 +174,20 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RotateAuthority(self, request, context):
+        """Prepare (and publish) the next signing authority now; it is activated once it has
+        propagated, or at once with `immediate`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetCrl(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetTrustBundle(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -228,6 +252,16 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.ListAuthorities,
                     request_deserializer=meshtls_dot_v1_dot_admin__pb2.ListAuthoritiesRequest.FromString,
                     response_serializer=meshtls_dot_v1_dot_admin__pb2.ListAuthoritiesResponse.SerializeToString,
+            ),
+            'RotateAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.RotateAuthority,
+                    request_deserializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityRequest.FromString,
+                    response_serializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityResponse.SerializeToString,
+            ),
+            'GetCrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCrl,
+                    request_deserializer=meshtls_dot_v1_dot_types__pb2.GetCrlRequest.FromString,
+                    response_serializer=meshtls_dot_v1_dot_types__pb2.Crl.SerializeToString,
             ),
             'GetTrustBundle': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTrustBundle,
@@ -512,6 +546,60 @@ class AdminService:
             '/meshtls.v1.AdminService/ListAuthorities',
             meshtls_dot_v1_dot_admin__pb2.ListAuthoritiesRequest.SerializeToString,
             meshtls_dot_v1_dot_admin__pb2.ListAuthoritiesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RotateAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshtls.v1.AdminService/RotateAuthority',
+            meshtls_dot_v1_dot_admin__pb2.RotateAuthorityRequest.SerializeToString,
+            meshtls_dot_v1_dot_admin__pb2.RotateAuthorityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshtls.v1.AdminService/GetCrl',
+            meshtls_dot_v1_dot_types__pb2.GetCrlRequest.SerializeToString,
+            meshtls_dot_v1_dot_types__pb2.Crl.FromString,
             options,
             channel_credentials,
             insecure,

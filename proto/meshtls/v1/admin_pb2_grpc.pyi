@@ -46,6 +46,11 @@ class AdminServiceStub:
     ListNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]
     BanNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.BanNodeRequest, _admin_pb2.NodeRecord]
     ListAuthorities: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListAuthoritiesRequest, _admin_pb2.ListAuthoritiesResponse]
+    RotateAuthority: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RotateAuthorityRequest, _admin_pb2.RotateAuthorityResponse]
+    """Prepare (and publish) the next signing authority now; it is activated once it has
+    propagated, or at once with `immediate`.
+    """
+    GetCrl: _grpc.UnaryUnaryMultiCallable[_types_pb2.GetCrlRequest, _types_pb2.Crl]
     GetTrustBundle: _grpc.UnaryUnaryMultiCallable[_types_pb2.GetTrustBundleRequest, _types_pb2.TrustBundle]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.StatusResponse]
 
@@ -66,6 +71,11 @@ class AdminServiceAsyncStub(AdminServiceStub):
     ListNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]  # type: ignore[assignment]
     BanNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.BanNodeRequest, _admin_pb2.NodeRecord]  # type: ignore[assignment]
     ListAuthorities: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListAuthoritiesRequest, _admin_pb2.ListAuthoritiesResponse]  # type: ignore[assignment]
+    RotateAuthority: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAuthorityRequest, _admin_pb2.RotateAuthorityResponse]  # type: ignore[assignment]
+    """Prepare (and publish) the next signing authority now; it is activated once it has
+    propagated, or at once with `immediate`.
+    """
+    GetCrl: _aio.UnaryUnaryMultiCallable[_types_pb2.GetCrlRequest, _types_pb2.Crl]  # type: ignore[assignment]
     GetTrustBundle: _aio.UnaryUnaryMultiCallable[_types_pb2.GetTrustBundleRequest, _types_pb2.TrustBundle]  # type: ignore[assignment]
     GetStatus: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.StatusResponse]  # type: ignore[assignment]
 
@@ -143,6 +153,23 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListAuthoritiesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListAuthoritiesResponse, _abc.Awaitable[_admin_pb2.ListAuthoritiesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RotateAuthority(
+        self,
+        request: _admin_pb2.RotateAuthorityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RotateAuthorityResponse, _abc.Awaitable[_admin_pb2.RotateAuthorityResponse]]:
+        """Prepare (and publish) the next signing authority now; it is activated once it has
+        propagated, or at once with `immediate`.
+        """
+
+    @_abc_1.abstractmethod
+    def GetCrl(
+        self,
+        request: _types_pb2.GetCrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Crl, _abc.Awaitable[_types_pb2.Crl]]: ...
 
     @_abc_1.abstractmethod
     def GetTrustBundle(

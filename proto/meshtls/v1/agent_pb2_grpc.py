@@ -64,6 +64,11 @@ class AgentServiceStub:
                 request_serializer=meshtls_dot_v1_dot_types__pb2.GetTrustBundleRequest.SerializeToString,
                 response_deserializer=meshtls_dot_v1_dot_types__pb2.TrustBundle.FromString,
                 _registered_method=True)
+        self.GetCrl = channel.unary_unary(
+                '/meshtls.v1.AgentService/GetCrl',
+                request_serializer=meshtls_dot_v1_dot_types__pb2.GetCrlRequest.SerializeToString,
+                response_deserializer=meshtls_dot_v1_dot_types__pb2.Crl.FromString,
+                _registered_method=True)
         self.Watch = channel.unary_stream(
                 '/meshtls.v1.AgentService/Watch',
                 request_serializer=meshtls_dot_v1_dot_agent__pb2.WatchRequest.SerializeToString,
@@ -113,6 +118,13 @@ class AgentServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetCrl(self, request, context):
+        """The current CRL (also served on the enrollment listener).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Watch(self, request, context):
         """Versioned snapshots of the trust bundle and the revocation list: one at once
         (unless the caller already holds the current version), then one on every change.
@@ -148,6 +160,11 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.GetTrustBundle,
                     request_deserializer=meshtls_dot_v1_dot_types__pb2.GetTrustBundleRequest.FromString,
                     response_serializer=meshtls_dot_v1_dot_types__pb2.TrustBundle.SerializeToString,
+            ),
+            'GetCrl': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetCrl,
+                    request_deserializer=meshtls_dot_v1_dot_types__pb2.GetCrlRequest.FromString,
+                    response_serializer=meshtls_dot_v1_dot_types__pb2.Crl.SerializeToString,
             ),
             'Watch': grpc.unary_stream_rpc_method_handler(
                     servicer.Watch,
@@ -294,6 +311,33 @@ class AgentService:
             '/meshtls.v1.AgentService/GetTrustBundle',
             meshtls_dot_v1_dot_types__pb2.GetTrustBundleRequest.SerializeToString,
             meshtls_dot_v1_dot_types__pb2.TrustBundle.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetCrl(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshtls.v1.AgentService/GetCrl',
+            meshtls_dot_v1_dot_types__pb2.GetCrlRequest.SerializeToString,
+            meshtls_dot_v1_dot_types__pb2.Crl.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,8 @@ class AgentServiceStub:
     """Sign a batch of CSRs, one per registration entry of the calling node."""
     GetTrustBundle: _grpc.UnaryUnaryMultiCallable[_types_pb2.GetTrustBundleRequest, _types_pb2.TrustBundle]
     """The current trust bundle."""
+    GetCrl: _grpc.UnaryUnaryMultiCallable[_types_pb2.GetCrlRequest, _types_pb2.Crl]
+    """The current CRL (also served on the enrollment listener)."""
     Watch: _grpc.UnaryStreamMultiCallable[_agent_pb2.WatchRequest, _agent_pb2.TrustSnapshot]
     """Versioned snapshots of the trust bundle and the revocation list: one at once
     (unless the caller already holds the current version), then one on every change.
@@ -72,6 +74,8 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """Sign a batch of CSRs, one per registration entry of the calling node."""
     GetTrustBundle: _aio.UnaryUnaryMultiCallable[_types_pb2.GetTrustBundleRequest, _types_pb2.TrustBundle]  # type: ignore[assignment]
     """The current trust bundle."""
+    GetCrl: _aio.UnaryUnaryMultiCallable[_types_pb2.GetCrlRequest, _types_pb2.Crl]  # type: ignore[assignment]
+    """The current CRL (also served on the enrollment listener)."""
     Watch: _aio.UnaryStreamMultiCallable[_agent_pb2.WatchRequest, _agent_pb2.TrustSnapshot]  # type: ignore[assignment]
     """Versioned snapshots of the trust bundle and the revocation list: one at once
     (unless the caller already holds the current version), then one on every change.
@@ -123,6 +127,14 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_types_pb2.TrustBundle, _abc.Awaitable[_types_pb2.TrustBundle]]:
         """The current trust bundle."""
+
+    @_abc_1.abstractmethod
+    def GetCrl(
+        self,
+        request: _types_pb2.GetCrlRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_types_pb2.Crl, _abc.Awaitable[_types_pb2.Crl]]:
+        """The current CRL (also served on the enrollment listener)."""
 
     @_abc_1.abstractmethod
     def Watch(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshtls/v1/types.proto\x12\nmeshtls.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x19\n\x11root_certificates\x18\x02 \x03(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x1c\n\x14refresh_hint_seconds\x18\x04 \x01(\r\"\xb0\x01\n\x11RegistrationEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x11\n\tdns_names\x18\x04 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12\x11\n\tselectors\x18\x06 \x03(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x10\x43\x65rtificateChain\x12\x14\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0c\"\x93\x01\n\x12RevokedCertificate\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12.\n\nrevoked_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15GetTrustBundleRequestb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshtls/v1/types.proto\x12\nmeshtls.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"m\n\x0bTrustBundle\x12\x14\n\x0ctrust_domain\x18\x01 \x01(\t\x12\x19\n\x11root_certificates\x18\x02 \x03(\x0c\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x1c\n\x14refresh_hint_seconds\x18\x04 \x01(\r\"\xb0\x01\n\x11RegistrationEntry\x12\n\n\x02id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x11\n\tnode_name\x18\x03 \x01(\t\x12\x11\n\tdns_names\x18\x04 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x05 \x01(\r\x12\x11\n\tselectors\x18\x06 \x03(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x10\x43\x65rtificateChain\x12\x14\n\x0c\x63\x65rtificates\x18\x01 \x03(\x0c\"\x93\x01\n\x12RevokedCertificate\x12\x0e\n\x06serial\x18\x01 \x01(\t\x12.\n\nrevoked_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15GetTrustBundleRequest\"\x0f\n\rGetCrlRequest\"\x84\x01\n\x03\x43rl\x12\x0b\n\x03\x64\x65r\x18\x01 \x01(\x0c\x12\x0e\n\x06number\x18\x02 \x01(\x04\x12/\n\x0bthis_update\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0bnext_update\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestampb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,4 +42,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REVOKEDCERTIFICATE']._serialized_end=551
   _globals['_GETTRUSTBUNDLEREQUEST']._serialized_start=553
   _globals['_GETTRUSTBUNDLEREQUEST']._serialized_end=576
+  _globals['_GETCRLREQUEST']._serialized_start=578
+  _globals['_GETCRLREQUEST']._serialized_end=593
+  _globals['_CRL']._serialized_start=596
+  _globals['_CRL']._serialized_end=728
 # @@protoc_insertion_point(module_scope)

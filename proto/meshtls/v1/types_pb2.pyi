@@ -167,3 +167,54 @@ class GetTrustBundleRequest(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetTrustBundleRequest: _TypeAlias = GetTrustBundleRequest  # noqa: Y015
+
+@_typing.final
+class GetCrlRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetCrlRequest: _TypeAlias = GetCrlRequest  # noqa: Y015
+
+@_typing.final
+class Crl(_message.Message):
+    """A certificate revocation list signed by the active intermediate, for verifiers outside
+    the mesh (sidecars get revocations pushed by Watch).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DER_FIELD_NUMBER: _builtins.int
+    NUMBER_FIELD_NUMBER: _builtins.int
+    THIS_UPDATE_FIELD_NUMBER: _builtins.int
+    NEXT_UPDATE_FIELD_NUMBER: _builtins.int
+    der: _builtins.bytes
+    """DER-encoded X.509 CRL."""
+    number: _builtins.int
+    """The CRL number (the trust-bundle version it was made from)."""
+    @_builtins.property
+    def this_update(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def next_update(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        der: _builtins.bytes = ...,
+        number: _builtins.int = ...,
+        this_update: _timestamp_pb2.Timestamp | None = ...,
+        next_update: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["next_update", b"next_update", "this_update", b"this_update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["der", b"der", "next_update", b"next_update", "number", b"number", "this_update", b"this_update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Crl: _TypeAlias = Crl  # noqa: Y015
