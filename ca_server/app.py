@@ -46,6 +46,7 @@ from ca_server.services.authorities import AuthorityManager
 from ca_server.services.cache import TtlCache
 from ca_server.services.context import CAContext
 from ca_server.services.crl import CrlCache
+from ca_server.services.pruning import prune
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
 from ca_server.services.writer import GroupCommitWriter
@@ -227,6 +228,15 @@ class CAServer:
             "interval",
             seconds=config.rotation_check_interval,
             id="rotation-check",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            prune,
+            "interval",
+            args=[ctx, config.certificate_retention],
+            seconds=config.prune_interval,
+            id="prune",
             max_instances=1,
             coalesce=True,
         )

@@ -81,6 +81,8 @@ class CAConfig:
     rotation_check_interval: float = 60  # how often the rotation job looks at the journal
     trust_poll_interval: float = 1  # how often to look for other replicas' changes
     rotation_min_propagation: float = 60  # a requested rotation activates this long after
+    certificate_retention: float = 30 * 86400  # expired certificate rows kept this long
+    prune_interval: float = 3600
     retired_root_grace: float = 3600  # a retired root stays trusted this long after its last leaf
     join_token_ttl: float = 600
     max_join_token_ttl: float = 7 * 86400
@@ -107,6 +109,8 @@ class CAConfig:
 
 
 _DURATIONS = {
+    "certificate_retention",
+    "prune_interval",
     "rotation_min_propagation",
     "rotation_check_interval",
     "trust_poll_interval",

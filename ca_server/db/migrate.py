@@ -57,6 +57,11 @@ def head_revision() -> str:
     return head
 
 
+def all_revisions() -> list[str]:
+    """Every shipped revision, oldest first (what `upgrade` applies to an empty database)."""
+    return [script.revision for script in reversed(list(_scripts().walk_revisions()))]
+
+
 @contextmanager
 def _engine(engine_or_url: Engine | str) -> Iterator[Engine]:
     """Use the given engine, or a temporary one for a URL (disposed afterwards)."""

@@ -161,6 +161,17 @@ class TrustStateRow(Base):
     bundle_version: Mapped[int] = mapped_column(BigInteger)
 
 
+class LeaseRow(Base):
+    """Cluster-wide single execution of a job: whoever holds the unexpired lease named
+    `name` runs it (rotation, pruning); a crashed holder's lease simply runs out."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128))
+    expires_at: Mapped[float] = mapped_column(Double)
+
+
 def table_of(model: type[Base]) -> Table:
     """The Core `Table` behind a model (the store runs Core statements on it: faster than
     the ORM unit of work on the issuance path)."""
@@ -178,3 +189,4 @@ CERTIFICATES = table_of(CertificateRow)
 AUTHORITIES = table_of(AuthorityRow)
 AUDIT_EVENTS = table_of(AuditEventRow)
 TRUST_STATE = table_of(TrustStateRow)
+LEASES = table_of(LeaseRow)

@@ -8,6 +8,7 @@ from ca_server.db.audit import AuditOps
 from ca_server.db.authorities import AuthorityOps
 from ca_server.db.certificates import CertificateOps
 from ca_server.db.entries import EntryOps
+from ca_server.db.leases import LeaseOps
 from ca_server.db.nodes import NodeOps
 from ca_server.db.tokens import TokenOps
 from ca_server.db.trust import TrustStateOps
@@ -21,6 +22,7 @@ class Tx(
     AuthorityOps,
     AuditOps,
     TrustStateOps,
+    LeaseOps,
 ):
     """An open transaction, from `Store.transaction()` (read-write) or `Store.read()`
     (read-only: write methods raise `ReadOnlyTransactionError`)."""

@@ -29,6 +29,9 @@ from meshtls.clock import utc
 
 log = logging.getLogger(__name__)
 
+ROTATION_LEASE = "rotation"
+LEASE_SECONDS = 300.0
+
 
 class AuthorityManager:
     def __init__(
@@ -101,6 +104,8 @@ class AuthorityManager:
         return what was done."""
         async with self._lock:
             done: list[Action] = []
+            if not await self._ctx.take_lease(ROTATION_LEASE, LEASE_SECONDS):
+                return done  # another replica runs rotation now
             for _ in range(3):  # e.g. prepare then, with `immediate`, activate
                 authorities = await self._ctx.read(lambda tx: tx.list_authorities())
                 now = self._ctx.clock.now()

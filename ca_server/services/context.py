@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
+import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from ca_server.config import CAConfig
@@ -36,6 +39,10 @@ class CAContext:
     # node name -> its registration entries
     entries_cache: TtlCache[str, Any]
     crl: Any = None  # services.crl.CrlCache, set by the composition root
+    # Names this process among the replicas (leases, logs).
+    replica_id: str = field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    )
 
     async def read(self, fn: Callable[[Tx], T]) -> T:
         """Run `fn` in a read-only transaction on a worker thread."""
@@ -58,6 +65,14 @@ class CAContext:
         result = await self.writer.submit(work)
         log_committed(events)
         return result
+
+    async def take_lease(self, name: str, seconds: float) -> bool:
+        """Take (or extend) the cluster-wide lease `name` for this process; False while
+        another replica holds it."""
+        now = self.clock.now()
+        return await self.writer.submit(
+            lambda tx: tx.try_lease(name, self.replica_id, now, seconds)
+        )
 
     async def record_issuance(
         self, node_name: str, records: list[CertificateRecord], events: list[AuditEvent]
