@@ -137,6 +137,7 @@ class CAProcess:
             "MESHTLS_CA_RATE_LIMIT_PER_NODE": "1000000",
             "MESHTLS_CA_RATE_LIMIT_BURST": "1000000",
             "MESHTLS_CA_MAX_CSRS_PER_BATCH": "256",
+            "MESHTLS_CA_SIGNING_RATE_LIMIT": "1000000",
         }
         args = [
             str(BIN / "meshtls-ca"),

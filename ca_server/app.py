@@ -46,6 +46,7 @@ from ca_server.services.authorities import AuthorityManager
 from ca_server.services.cache import TtlCache
 from ca_server.services.context import CAContext
 from ca_server.services.crl import CrlCache
+from ca_server.services.jobs import instrumented, watch_expiry
 from ca_server.services.pruning import prune
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
@@ -193,6 +194,9 @@ class CAServer:
             limiter=RateLimiter(
                 config.rate_limit_per_node, config.rate_limit_burst, self.clock.now
             ),
+            signing_limiter=RateLimiter(
+                config.signing_rate_limit, int(2 * config.signing_rate_limit), self.clock.now
+            ),
             metrics=self.metrics,
             auth_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
             entries_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
@@ -224,7 +228,7 @@ class CAServer:
         await self.authorities.tick()
         self._scheduler = AsyncIOScheduler()
         self._scheduler.add_job(
-            self.authorities.tick,
+            instrumented(ctx, "rotation", self.authorities.tick),
             "interval",
             seconds=config.rotation_check_interval,
             id="rotation-check",
@@ -232,7 +236,16 @@ class CAServer:
             coalesce=True,
         )
         self._scheduler.add_job(
-            prune,
+            instrumented(ctx, "expiry-watchdog", watch_expiry),
+            "interval",
+            args=[ctx, config.upstream_warning],
+            seconds=600,
+            id="expiry-watchdog",
+            max_instances=1,
+            coalesce=True,
+        )
+        self._scheduler.add_job(
+            instrumented(ctx, "prune", prune),
             "interval",
             args=[ctx, config.certificate_retention],
             seconds=config.prune_interval,
@@ -241,6 +254,7 @@ class CAServer:
             coalesce=True,
         )
         self._scheduler.start()
+        await watch_expiry(ctx, config.upstream_warning)
         self._tasks.append(
             asyncio.create_task(
                 self.authorities.poll_forever(config.trust_poll_interval), name="trust-poll"

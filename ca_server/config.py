@@ -83,6 +83,7 @@ class CAConfig:
     rotation_min_propagation: float = 60  # a requested rotation activates this long after
     certificate_retention: float = 30 * 86400  # expired certificate rows kept this long
     prune_interval: float = 3600
+    upstream_warning: float = 30 * 86400  # warn this long before an upstream CA expires
     retired_root_grace: float = 3600  # a retired root stays trusted this long after its last leaf
     join_token_ttl: float = 600
     max_join_token_ttl: float = 7 * 86400
@@ -91,6 +92,9 @@ class CAConfig:
     max_csrs_per_batch: int = 256
     rate_limit_per_node: float = 50.0  # sustained requests per second per node
     rate_limit_burst: int = 200
+    # Certificates this replica signs per second at most (burst: twice that); beyond it a
+    # renewal storm gets RESOURCE_EXHAUSTED with a retry hint instead of timing out.
+    signing_rate_limit: float = 1000.0
     allow_public_listen: bool = False
 
     @property
@@ -109,6 +113,7 @@ class CAConfig:
 
 
 _DURATIONS = {
+    "upstream_warning",
     "certificate_retention",
     "prune_interval",
     "rotation_min_propagation",
@@ -128,7 +133,7 @@ _PATHS = {"data_dir", "admin_socket", "kek_file"}
 _BOOLS = {"migrate_on_start", "dev", "allow_public_listen"}
 _LISTS = {"admin_spiffe_ids", "server_dns_names", "server_ip_addresses"}
 _INTS = {"max_message_bytes", "max_csrs_per_batch", "rate_limit_burst"}
-_FLOATS = {"rate_limit_per_node"}
+_FLOATS = {"rate_limit_per_node", "signing_rate_limit"}
 _ADDRESSES = {"listen", "enroll_listen", "http_listen"}
 _STRINGS = {"trust_domain", "database_url"}
 _UPSTREAM_KEYS = ("cert_file", "key_file", "chain_file")
@@ -280,6 +285,8 @@ def validate(config: CAConfig) -> None:
         raise ConfigError("max_csrs_per_batch must be >= 1 and max_message_bytes >= 16384")
     if config.rate_limit_per_node <= 0 or config.rate_limit_burst < 1:
         raise ConfigError("rate_limit_per_node must be > 0 and rate_limit_burst >= 1")
+    if config.signing_rate_limit <= 0:
+        raise ConfigError("signing_rate_limit must be > 0 (certificates per second)")
 
 
 def describe(config: CAConfig) -> dict[str, str]:

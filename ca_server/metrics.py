@@ -43,6 +43,16 @@ class CAMetrics:
             registry=self.registry,
         )
 
+        self.job_runs = Counter(
+            "meshtls_ca_job_runs", "Scheduled job runs", ["job"], registry=self.registry
+        )
+        self.job_failures = Counter(
+            "meshtls_ca_job_failures",
+            "Scheduled job runs that failed",
+            ["job"],
+            registry=self.registry,
+        )
+
     def expiry_gauge(self, collect: Callable[[], list[tuple[str, str, str, float]]]) -> None:
         """Register seconds-to-expiry of every authority: collect() -> (id, kind, state, secs)."""
         self.registry.register(_AuthorityExpiry(collect))

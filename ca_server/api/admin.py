@@ -25,6 +25,7 @@ from ca_server.services import admin, nodes
 from ca_server.services.audit import event
 from ca_server.services.authorities import AuthorityManager
 from ca_server.services.context import CAContext
+from ca_server.services.jobs import expiry_warnings
 from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
 from meshtls.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
@@ -308,23 +309,5 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             entries=entry_count,
             certificates_valid=counts.get("valid", 0),
             certificates_revoked=counts.get("revoked", 0),
-            warnings=expiry_warnings(authorities, now),
+            warnings=expiry_warnings(authorities, now, self.ctx.config.upstream_warning),
         )
-
-
-def expiry_warnings(authorities: list, now: float) -> list[str]:  # type: ignore[type-arg]
-    """Loud words for any authority in use that is close to its end."""
-    warnings = []
-    for a in authorities:
-        if a.state == "retired":
-            continue
-        left = a.not_after - now
-        lifetime = a.not_after - a.not_before
-        if left <= 0:
-            warnings.append(f"{a.kind} {a.id} EXPIRED at {convert.ts(a.not_after).ToJsonString()}")  # type: ignore[union-attr]
-        elif left < lifetime / 6:
-            warnings.append(
-                f"{a.kind} {a.id} expires in {left / 3600:.1f}h "
-                "(less than 1/6 of its lifetime left)"
-            )
-    return warnings

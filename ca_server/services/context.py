@@ -33,6 +33,8 @@ class CAContext:
     trust: TrustState
     clock: Clock
     limiter: RateLimiter
+    # Certificates per second this replica signs, across all callers.
+    signing_limiter: RateLimiter
     metrics: CAMetrics
     # serial of a node certificate -> the node it authenticates (see services.nodes)
     auth_cache: TtlCache[str, Any]
@@ -65,6 +67,11 @@ class CAContext:
         result = await self.writer.submit(work)
         log_committed(events)
         return result
+
+    def admit_signatures(self, count: int) -> None:
+        """Back-pressure: refuse (RESOURCE_EXHAUSTED with a retry hint) past the replica's
+        signing rate, before any work is done."""
+        self.signing_limiter.check("signing on this CA replica", cost=count)
 
     async def take_lease(self, name: str, seconds: float) -> bool:
         """Take (or extend) the cluster-wide lease `name` for this process; False while

@@ -52,6 +52,7 @@ async def sign_batch(
     if len(requests) > 1:
         ctx.limiter.check(f"node:{caller.name}", cost=len(requests) / 10)
     entries = {e.id: e for e in await list_for_node(ctx, caller)}
+    ctx.admit_signatures(len(requests))
     missing = [entry_id for entry_id in entry_ids if entry_id not in entries]
     if missing:
         raise PermissionDenied(

@@ -110,6 +110,7 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
     if existing is not None and existing.status == "banned":
         raise PermissionDenied(f"node {node_name} is banned")
     spiffe_id = SpiffeId.for_node(ctx.config.trust_domain, node_name)
+    ctx.admit_signatures(1)
     issued = issue(
         ctx.trust.keyring.signer,
         csr.public_key(),
@@ -243,6 +244,7 @@ async def _promote(ctx: CAContext, node: Node, record: CertificateRecord) -> Non
 
 async def renew(ctx: CAContext, caller: AuthenticatedNode, csr_der: bytes) -> Issued:
     csr = parse_csr(csr_der)
+    ctx.admit_signatures(1)
     now = ctx.clock.now()
     issued = issue(
         ctx.trust.keyring.signer,
