@@ -26,6 +26,7 @@ from ca_server.errors import CAError, FailedPrecondition
 from ca_server.services.audit import event
 from ca_server.services.context import CAContext
 from meshtls.clock import utc
+from meshtls.identity.x509 import fingerprint_sha256
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +126,37 @@ class AuthorityManager:
                 if any(a.kind == "activate" for a in actions):
                     self._requested = False
                     break  # a rotation ends with its activation
+            await self._publish_bundle_changes()
             return done
+
+    async def _publish_bundle_changes(self) -> None:
+        """A retired root leaves the bundle when its last leaf has expired: no journal
+        change marks that moment, so bump the version to make every peer hear of it."""
+        ctx = self._ctx
+        now = ctx.clock.now()
+
+        def load(tx: Tx) -> tuple[list[Authority], dict[str, float]]:
+            return tx.list_authorities(), tx.latest_expiry_by_issuer()
+
+        authorities, expiry = await ctx.read(load)
+        wanted = bundle_root_ids(authorities, now, expiry, self.settings.retired_grace)
+        published = {fingerprint_sha256(root) for root in ctx.trust.snapshot.roots}
+        held = {a.id for a in authorities if a.kind == "root" and a.fingerprint_sha256 in published}
+        if wanted == held:
+            return
+        dropped = sorted(held - wanted)
+        events = [
+            event(
+                now,
+                "system",
+                "authority.unpublish",
+                root_id,
+                reason="every leaf signed under this retired root has expired",
+            )
+            for root_id in dropped
+        ]
+        await ctx.write(lambda tx: tx.bump_bundle_version(), events)
+        await self.reload()
 
     async def request_rotation(self, *, immediate: bool) -> list[Action]:
         """An operator's `authority rotate`: prepare and publish now; activate once the new
