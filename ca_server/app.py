@@ -221,6 +221,7 @@ class CAServer:
                 root_ttl=config.root_ttl,
                 retired_grace=config.retired_root_grace,
                 min_propagation=config.rotation_min_propagation,
+                lease=config.rotation_lease,
             ),
             on_roots_changed=identity.update_client_roots,
         )

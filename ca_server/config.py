@@ -80,6 +80,9 @@ class CAConfig:
     max_leaf_ttl: float = 24 * 3600
     rotation_check_interval: float = 60  # how often the rotation job looks at the journal
     trust_poll_interval: float = 1  # how often to look for other replicas' changes
+    # How long a replica's claim on the rotation job lasts; a replica that dies mid-rotation
+    # is replaced by another once this runs out (each step it took is already committed).
+    rotation_lease: float = 300
     rotation_min_propagation: float = 60  # a requested rotation activates this long after
     certificate_retention: float = 30 * 86400  # expired certificate rows kept this long
     prune_interval: float = 3600
@@ -113,6 +116,7 @@ class CAConfig:
 
 
 _DURATIONS = {
+    "rotation_lease",
     "upstream_warning",
     "certificate_retention",
     "prune_interval",

@@ -33,6 +33,8 @@ class RotationSettings:
     # A prepared generation's root must have been published this long before activation
     # (so every sidecar holds it); an emergency activation ignores it.
     min_propagation: float = 60.0
+    # Seconds a replica holds the rotation job (see the `rotation_lease` setting).
+    lease: float = 300.0
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,6 @@ from meshtls.identity.x509 import fingerprint_sha256
 log = logging.getLogger(__name__)
 
 ROTATION_LEASE = "rotation"
-LEASE_SECONDS = 300.0
 
 
 class AuthorityManager:
@@ -105,7 +104,7 @@ class AuthorityManager:
         return what was done."""
         async with self._lock:
             done: list[Action] = []
-            if not await self._ctx.take_lease(ROTATION_LEASE, LEASE_SECONDS):
+            if not await self._ctx.take_lease(ROTATION_LEASE, self.settings.lease):
                 return done  # another replica runs rotation now
             for _ in range(3):  # e.g. prepare then, with `immediate`, activate
                 authorities = await self._ctx.read(lambda tx: tx.list_authorities())
@@ -161,6 +160,13 @@ class AuthorityManager:
     async def request_rotation(self, *, immediate: bool) -> list[Action]:
         """An operator's `authority rotate`: prepare and publish now; activate once the new
         authority has propagated (the scheduled check does it), or at once if `immediate`."""
+        if not await self._ctx.take_lease(ROTATION_LEASE, self.settings.lease):
+            now = self._ctx.clock.now()
+            holder = await self._ctx.read(lambda tx: tx.lease_holder(ROTATION_LEASE, now))
+            raise FailedPrecondition(
+                f"another CA replica ({holder}) is running the rotation job; run the command "
+                f"there, or retry once its lease runs out (at most {self.settings.lease:.0f}s)"
+            )
         self._requested = True
         actions = await self.tick(immediate=immediate)
         if self._requested:

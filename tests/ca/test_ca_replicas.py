@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from ca_server.authority.kek import generate_kek_file
+from ca_server.errors import FailedPrecondition
 from ca_server.services.pruning import prune
 from tests.ca.helpers import enroll_node, wait_for
 from tests.support.ca import RunningCA, running_ca
@@ -63,10 +64,15 @@ async def test_replicas_share_issuance_rotation_and_revocation(
         assert b.server is not None
         assert a.server.authorities is not None
         assert b.server.authorities is not None
-        results = await asyncio.gather(
+        outcomes = await asyncio.gather(
             a.server.authorities.request_rotation(immediate=False),
             b.server.authorities.request_rotation(immediate=False),
+            return_exceptions=True,
         )
+        refused = [o for o in outcomes if isinstance(o, FailedPrecondition)]
+        assert len(refused) == 1, outcomes
+        assert "another CA replica" in refused[0].message
+        results = [o if isinstance(o, list) else [] for o in outcomes]
         prepares = [act for done in results for act in done if act.kind.startswith("prepare")]
         assert len(prepares) == 1, results
         with _ctx(a).store.read() as tx:
