@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
@@ -29,6 +30,7 @@ from ca_server.services.jobs import expiry_warnings
 from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
 from meshtls.v1 import admin_pb2, admin_pb2_grpc, types_pb2
 
+T = TypeVar("T")
 Authorizer = Callable[[grpc.aio.ServicerContext], Awaitable[str]]
 
 
@@ -109,6 +111,19 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self._authorize = authorize
         self._info = info
 
+    async def _page(
+        self,
+        request: Any,
+        fetch: Callable[[Tx, int, str | None], list[T]],
+        key: Callable[[T], str],
+    ) -> tuple[list[T], str]:
+        """One page of a listing and the token of the next one ("" at the end)."""
+        limit = admin.page_size(request.page_size)
+        after = _decode_page(request.page_token)
+        found = await self.ctx.read(lambda tx: fetch(tx, limit + 1, after))
+        page = found[:limit]
+        return page, _encode_page(key(page[-1])) if len(found) > limit else ""
+
     @rpc(_metrics)
     async def CreateJoinToken(
         self, request: admin_pb2.CreateJoinTokenRequest, context: grpc.aio.ServicerContext
@@ -142,20 +157,18 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListEntriesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListEntriesResponse:
         await self._authorize(context)
-        limit = admin.page_size(request.page_size)
-        after = _decode_page(request.page_token)
-        entries = await self.ctx.read(
-            lambda tx: tx.list_entries(
+        page, token = await self._page(
+            request,
+            lambda tx, limit, after: tx.list_entries(
                 node_name=request.node_name or None,
                 spiffe_id=request.spiffe_id or None,
-                limit=limit + 1,
+                limit=limit,
                 after=after,
-            )
+            ),
+            lambda e: e.id,
         )
-        page, more = entries[:limit], len(entries) > limit
         return admin_pb2.ListEntriesResponse(
-            entries=[convert.entry(e) for e in page],
-            next_page_token=_encode_page(page[-1].id) if more else "",
+            entries=[convert.entry(e) for e in page], next_page_token=token
         )
 
     @rpc(_metrics)
@@ -174,22 +187,21 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListCertificatesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListCertificatesResponse:
         await self._authorize(context)
-        limit = admin.page_size(request.page_size)
-        after = _decode_page(request.page_token)
-        records = await self.ctx.read(
-            lambda tx: tx.list_certificates(
+        page, token = await self._page(
+            request,
+            lambda tx, limit, after: tx.list_certificates(
                 node_name=request.node_name or None,
                 spiffe_id=request.spiffe_id or None,
-                limit=limit + 1,
+                limit=limit,
                 after=after,
-            )
+            ),
+            lambda r: r.serial,
         )
-        page, more = records[:limit], len(records) > limit
         now = self.ctx.clock.now()
         issuers = self._issuer_fingerprints()
         return admin_pb2.ListCertificatesResponse(
             certificates=[convert.certificate(r, now, issuers.get(r.issuer_id, "")) for r in page],
-            next_page_token=_encode_page(page[-1].serial) if more else "",
+            next_page_token=token,
         )
 
     @rpc(_metrics)
@@ -216,13 +228,13 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
         self, request: admin_pb2.ListNodesRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListNodesResponse:
         await self._authorize(context)
-        limit = admin.page_size(request.page_size)
-        after = _decode_page(request.page_token)
-        found = await self.ctx.read(lambda tx: tx.list_nodes(limit=limit + 1, after=after))
-        page, more = found[:limit], len(found) > limit
+        page, token = await self._page(
+            request,
+            lambda tx, limit, after: tx.list_nodes(limit=limit, after=after),
+            lambda n: n.name,
+        )
         return admin_pb2.ListNodesResponse(
-            nodes=[convert.node(n) for n in page],
-            next_page_token=_encode_page(page[-1].name) if more else "",
+            nodes=[convert.node(n) for n in page], next_page_token=token
         )
 
     @rpc(_metrics)

@@ -6,37 +6,20 @@ reject another), and no leaf outlives its issuer."""
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.verification import PolicyBuilder, Store
 
 from ca_server.services.issuing import issue
 from meshtls.clock import ManualClock
 from meshtls.identity.ids import SpiffeId
 from tests.support.ca import running_ca
+from tests.support.trust import verifies
 
 HOUR = 3600.0
 DAY = 24 * HOUR
 LEAF_TTL = 6 * HOUR  # leaves outlive several hourly steps, so they straddle every rotation
-
-
-def verifies(
-    leaf: x509.Certificate, chain: list[x509.Certificate], roots: list[x509.Certificate], now: float
-) -> bool:
-    verifier = (
-        PolicyBuilder()
-        .store(Store(roots))
-        .time(dt.datetime.fromtimestamp(now, tz=dt.UTC))
-        .build_client_verifier()
-    )
-    try:
-        verifier.verify(leaf, chain)
-    except Exception:
-        return False
-    return True
 
 
 async def test_three_intermediate_generations_and_a_root_rotation_keep_every_leaf_trusted(

@@ -14,7 +14,6 @@ renewing workloads would get them."""
 
 from __future__ import annotations
 
-import datetime as dt
 import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -22,7 +21,6 @@ from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.verification import PolicyBuilder, Store
 
 from ca_server.services.issuing import issue
 from meshtls.clock import ManualClock
@@ -30,26 +28,11 @@ from meshtls.identity.ids import SpiffeId
 from sidecar.app import SidecarApp
 from tests.sidecar.helpers import config_from, sidecar_document, wait_for
 from tests.support.ca import RunningCA, running_ca
+from tests.support.trust import verifies
 
 HOUR = 3600.0
 DAY = 24 * HOUR
 LEAF_TTL = 6 * HOUR
-
-
-def verifies(
-    leaf: x509.Certificate, chain: list[x509.Certificate], roots: list[x509.Certificate], now: float
-) -> bool:
-    verifier = (
-        PolicyBuilder()
-        .store(Store(roots))
-        .time(dt.datetime.fromtimestamp(now, tz=dt.UTC))
-        .build_client_verifier()
-    )
-    try:
-        verifier.verify(leaf, chain)
-    except Exception:
-        return False
-    return True
 
 
 @asynccontextmanager
