@@ -141,7 +141,18 @@ class GroupCommitWriter:
 
 
 def _resolve(unit: _Unit[Any], result: Any) -> None:
-    unit.loop.call_soon_threadsafe(_set_result, unit.future, result)
+    _deliver(unit, _set_result, result)
+
+
+def _deliver(
+    unit: _Unit[Any], setter: Callable[[asyncio.Future[Any], Any], None], value: Any
+) -> None:
+    """Hand the outcome to the caller's loop. A caller whose loop has closed (shutdown)
+    is gone; the writer thread must outlive it and keep serving the others."""
+    try:
+        unit.loop.call_soon_threadsafe(setter, unit.future, value)
+    except RuntimeError:
+        log.warning("a database write finished after its caller's event loop closed")
 
 
 def _run_all(tx: Tx, works: list[Any]) -> list[Any]:
@@ -161,7 +172,7 @@ def _run_all(tx: Tx, works: list[Any]) -> list[Any]:
 
 
 def _fail(unit: _Unit[Any], exc: BaseException) -> None:
-    unit.loop.call_soon_threadsafe(_set_exception, unit.future, exc)
+    _deliver(unit, _set_exception, exc)
 
 
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:
