@@ -100,10 +100,27 @@ def raw_sign_rate(seconds: float = 2.0) -> float:
     return count / (time.perf_counter() - start)
 
 
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found += [int(c) for c in (task / "children").read_text().split()]
+    return found
+
+
 def cpu_seconds(pid: int) -> float:
-    """User + system CPU of a process (and its threads) so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU so far of a process, its threads and its live child processes
+    (the CA's `--workers`)."""
+    total = 0.0
+    pending = [pid]
+    while pending:
+        current = pending.pop()
+        try:
+            fields = Path(f"/proc/{current}/stat").read_text().rsplit(")", 1)[1].split()
+            pending += _children(current)
+        except FileNotFoundError:
+            continue
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 @dataclass
@@ -128,7 +145,7 @@ class Result:
 
 
 class CAProcess:
-    def __init__(self, workdir: Path, database_url: str | None) -> None:
+    def __init__(self, workdir: Path, database_url: str | None, workers: int = 1) -> None:
         self.data_dir = workdir / "ca"
         self.agent = f"127.0.0.1:{free_port()}"
         self.enroll = f"127.0.0.1:{free_port()}"
@@ -158,6 +175,8 @@ class CAProcess:
         ]
         if database_url:
             args += ["--database-url", database_url]
+        if workers > 1:
+            args += ["--workers", str(workers)]
         self.proc = subprocess.Popen(args, env=env)
         sock = self.data_dir / "admin.sock"
         deadline = time.monotonic() + 60
@@ -254,7 +273,7 @@ def start_postgres() -> tuple[object, str]:
 async def bench_database(name: str, url: str | None, args: argparse.Namespace) -> list[list[str]]:
     rows = []
     with tempfile.TemporaryDirectory(prefix="meshtls-bench-") as tmp:
-        ca = CAProcess(Path(tmp), url)
+        ca = CAProcess(Path(tmp), url, args.ca_workers)
         try:
             clients = await enroll_clients(ca, args.clients, max(args.batch))
             await load(clients, 1, 1.0)  # warm-up
@@ -302,6 +321,7 @@ def main() -> int:
         help="CSRs per SignIdentities call (identities per node)",
     )
     parser.add_argument("--databases", nargs="+", default=["sqlite", "postgres"])
+    parser.add_argument("--ca-workers", type=int, default=1, help="meshtls-ca serve --workers")
     args = parser.parse_args()
 
     raw = statistics.median(raw_sign_rate() for _ in range(3))

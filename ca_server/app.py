@@ -99,8 +99,20 @@ class BoundAddresses:
 
 
 class CAServer:
-    def __init__(self, config: CAConfig, *, clock: Clock | None = None) -> None:
+    def __init__(
+        self,
+        config: CAConfig,
+        *,
+        clock: Clock | None = None,
+        share_ports: bool = False,
+        worker: bool = False,
+    ) -> None:
+        """`share_ports`: bind the gRPC ports with SO_REUSEPORT (with `--workers`).
+        `worker`: an extra serving process of a `--workers` CA: no admin socket and no
+        HTTP endpoint (the first process has them); otherwise a full replica."""
         self.config = config
+        self._share_ports = share_ports or worker
+        self._worker = worker
         self.clock = clock or SystemClock()
         self.metrics = CAMetrics()
         self.ctx: CAContext | None = None
@@ -275,6 +287,7 @@ class CAServer:
             AgentServicer(ctx),
             AdminServicer(ctx, spiffe_id_admin(ctx), info, self.authorities),
             max_message_bytes=config.max_message_bytes,
+            reuse_port=self._share_ports,
         )
         agent_port = main.add_secure_port(str(config.listen), identity.agent.credentials())
         enroll_port = main.add_secure_port(
@@ -282,22 +295,24 @@ class CAServer:
         )
         if not agent_port or not enroll_port:
             raise ConfigError(f"cannot listen on {config.listen} or {config.enroll_listen}")
-        admin, admin_health = build_admin_server(
-            AdminServicer(ctx, unix_socket_admin(ctx), info, self.authorities),
-            config.admin_socket_path,
-            max_message_bytes=config.max_message_bytes,
-        )
         agent_address = f"{config.listen.host}:{agent_port}"
         enroll_address = f"{config.enroll_listen.host}:{enroll_port}"
         info.agent_address, info.enrollment_address = agent_address, enroll_address
         await main.start()
-        await admin.start()
-        self._servers = [main, admin]
-        self._health = [main_health, admin_health]
+        self._servers, self._health = [main], [main_health]
         await mark_serving(main_health, [AGENT_SERVICE, ADMIN_SERVICE])
-        await mark_serving(admin_health, [ADMIN_SERVICE])
+        if not self._worker:
+            admin, admin_health = build_admin_server(
+                AdminServicer(ctx, unix_socket_admin(ctx), info, self.authorities),
+                config.admin_socket_path,
+                max_message_bytes=config.max_message_bytes,
+            )
+            await admin.start()
+            self._servers.append(admin)
+            self._health.append(admin_health)
+            await mark_serving(admin_health, [ADMIN_SERVICE])
         http_address = None
-        if config.http_listen is not None:
+        if config.http_listen is not None and not self._worker:
             self._http = build_status_server(ctx, config.http_listen.host, config.http_listen.port)
             await self._http.start()
             host, port = self._http.address

@@ -58,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="refuse to start on pending migrations instead of applying them",
     )
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="serving processes sharing the listeners (SO_REUSEPORT), each a replica on the "
+        "same database; the first also holds the admin socket and HTTP endpoint",
+    )
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     serve.add_argument("--log-format", choices=["text", "json"], default="text")
     serve.add_argument("--log-level", default="info")
 
@@ -92,19 +100,27 @@ def _config_from(args: argparse.Namespace) -> config_module.CAConfig:
     return config_module.load(file=args.config, overrides=overrides)
 
 
-async def _serve(config: config_module.CAConfig) -> None:
+async def _serve(config: config_module.CAConfig, workers: int, worker: bool) -> None:
     from ca_server.app import CAServer
+    from ca_server.workers import WorkerPool
 
-    server = CAServer(config)
+    if workers < 1:
+        raise ConfigError("--workers must be at least 1")
+    if workers > 1 and (config.listen.port == 0 or config.enroll_listen.port == 0):
+        raise ConfigError("--workers needs fixed ports for --listen and --enroll-listen")
+    server = CAServer(config, share_ports=workers > 1, worker=worker)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    pool = WorkerPool(workers - 1)
     try:
+        pool.start()
         await stop.wait()
         log.info("shutting down")
     finally:
+        await pool.stop()
         await server.stop()
 
 
@@ -114,7 +130,7 @@ def _run(args: argparse.Namespace) -> int:
         # Alembic narrates every start at INFO; our own log line says what was applied.
         logging.getLogger("alembic").setLevel(logging.WARNING)
         config = _config_from(args)
-        asyncio.run(_serve(config))
+        asyncio.run(_serve(config, args.workers, args.worker))
         return EXIT_OK
     if args.command == "db":
         from ca_server.db import migrate

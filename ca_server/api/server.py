@@ -19,11 +19,13 @@ AGENT_SERVICE = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["AdminService"].full_name
 
 
-def _options(max_message_bytes: int) -> list[tuple[str, int]]:
+def _options(max_message_bytes: int, reuse_port: bool = False) -> list[tuple[str, int]]:
+    # SO_REUSEPORT only when this process shares its ports with its own workers: otherwise a
+    # stale process on the same port would silently receive half of the connections.
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", 64 * 1024 * 1024),
-        ("grpc.so_reuseport", 0),
+        ("grpc.so_reuseport", int(reuse_port)),
         ("grpc.keepalive_time_ms", 60_000),
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
     ]
@@ -45,8 +47,9 @@ def build_main_server(
     admin: AdminServicer,
     *,
     max_message_bytes: int,
+    reuse_port: bool = False,
 ) -> tuple[grpc.aio.Server, health.aio.HealthServicer]:
-    server = grpc.aio.server(options=_options(max_message_bytes))
+    server = grpc.aio.server(options=_options(max_message_bytes, reuse_port))
     agent_pb2_grpc.add_AgentServiceServicer_to_server(agent, server)
     admin_pb2_grpc.add_AdminServiceServicer_to_server(admin, server)
     return server, _add_health_and_reflection(server, [AGENT_SERVICE, ADMIN_SERVICE])
