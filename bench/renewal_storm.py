@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import statistics
 import sys
 import tempfile
@@ -78,35 +79,27 @@ async def setup(
     return clients
 
 
-async def active_intermediate_der(ca: CAProcess) -> bytes:
-    """DER of the intermediate the first CA process signs with now."""
-    _key, csr = new_csr()
+async def active_intermediate_fingerprint(ca: CAProcess) -> str:
+    """SHA-256 of the intermediate that is active in the journal (cluster-wide)."""
     sock = f"unix://{(ca.data_dir / 'admin.sock').resolve()}"
     async with grpc.aio.insecure_channel(sock) as channel:
         admin = admin_pb2_grpc.AdminServiceStub(channel)
-        bundle = await admin.GetTrustBundle(types_pb2.GetTrustBundleRequest())
-        roots = certs_to_pem(certs_from_der(bundle.root_certificates))
-        token = (
-            await admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(node_name="probe"))
-        ).token
-    async with grpc.aio.secure_channel(ca.enroll, grpc.ssl_channel_credentials(roots)) as ch:
-        answer = await agent_pb2_grpc.AgentServiceStub(ch).Enroll(
-            agent_pb2.EnrollRequest(join_token=token, csr=csr)
-        )
-    return bytes(answer.node_certificate.certificates[1])
+        listing = await admin.ListAuthorities(admin_pb2.ListAuthoritiesRequest())
+    active = [a for a in listing.authorities if a.kind == "intermediate" and a.state == "active"]
+    return str(active[0].fingerprint_sha256)
 
 
 async def renew_all(
     clients: list[tuple[grpc.aio.Channel, list[str]]],
-) -> tuple[float, list[float], int, list[int], dict[bytes, int]]:
+) -> tuple[float, list[float], int, list[int], dict[str, int]]:
     """(seconds, latencies, failed requests, per-second issuance counts, certificates per
-    issuing intermediate DER)."""
+    issuing intermediate's SHA-256)."""
     csr = new_csr()[1]
     latencies: list[float] = []
     failed = 0
     started = time.perf_counter()
     per_second: dict[int, int] = {}
-    issuers: dict[bytes, int] = {}
+    issuers: dict[str, int] = {}
 
     async def node(channel: grpc.aio.Channel, ids: list[str]) -> None:
         nonlocal failed
@@ -132,7 +125,7 @@ async def renew_all(
                 second = int(time.perf_counter() - started)
                 per_second[second] = per_second.get(second, 0) + len(answer.identities)
                 for identity in answer.identities:
-                    issuer = bytes(identity.certificate.certificates[1])
+                    issuer = hashlib.sha256(identity.certificate.certificates[1]).hexdigest()
                     issuers[issuer] = issuers.get(issuer, 0) + 1
                 break
             else:
@@ -162,7 +155,7 @@ async def run_one(name: str, url: str | None, args: argparse.Namespace) -> list[
                 stderr=asyncio.subprocess.DEVNULL,
             )
             assert await rotate.wait() == 0
-            new_issuer = await active_intermediate_der(ca)
+            new_issuer = await active_intermediate_fingerprint(ca)
             seconds, latencies, failed, counts, issuers = await renew_all(clients)
             for channel, _ in clients:
                 await channel.close()
