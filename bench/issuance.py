@@ -214,19 +214,26 @@ async def enroll_clients(
                         )
                     )
                     entry_ids.append(entry.id)
-                key, csr = new_csr()
-                answer = await enroll.Enroll(agent_pb2.EnrollRequest(join_token=token, csr=csr))
-                chain = certs_to_pem(certs_from_der(answer.node_certificate.certificates))
-                key_pem = key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-                channel = grpc.aio.secure_channel(
-                    ca.agent, grpc.ssl_channel_credentials(roots, key_pem, chain)
-                )
+                channel = await enroll_node_channel(enroll, ca.agent, roots, token)
                 clients.append((channel, entry_ids))
     return clients
+
+
+async def enroll_node_channel(
+    enroll: agent_pb2_grpc.AgentServiceStub, agent_address: str, roots: bytes, token: str
+) -> grpc.aio.Channel:
+    """Enroll one node with `token` and open its mTLS channel to the agent listener."""
+    key, csr = new_csr()
+    answer = await enroll.Enroll(agent_pb2.EnrollRequest(join_token=token, csr=csr))
+    chain = certs_to_pem(certs_from_der(answer.node_certificate.certificates))
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    return grpc.aio.secure_channel(
+        agent_address, grpc.ssl_channel_credentials(roots, key_pem, chain)
+    )
 
 
 async def load(

@@ -27,9 +27,15 @@ from pathlib import Path
 import grpc
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from cryptography.hazmat.primitives import serialization
 
-from bench.issuance import BIN, TD, CAProcess, new_csr, start_postgres
+from bench.issuance import (
+    BIN,
+    TD,
+    CAProcess,
+    enroll_node_channel,
+    new_csr,
+    start_postgres,
+)
 from meshtls.identity.pem import certs_from_der, certs_to_pem
 from meshtls.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -64,17 +70,7 @@ async def setup(
                 token = (
                     await admin.CreateJoinToken(admin_pb2.CreateJoinTokenRequest(node_name=node))
                 ).token
-                key, csr = new_csr()
-                answer = await enroll.Enroll(agent_pb2.EnrollRequest(join_token=token, csr=csr))
-                chain = certs_to_pem(certs_from_der(answer.node_certificate.certificates))
-                key_pem = key.private_bytes(
-                    serialization.Encoding.PEM,
-                    serialization.PrivateFormat.PKCS8,
-                    serialization.NoEncryption(),
-                )
-                channel = grpc.aio.secure_channel(
-                    ca.agent, grpc.ssl_channel_credentials(roots, key_pem, chain)
-                )
+                channel = await enroll_node_channel(enroll, ca.agent, roots, token)
                 clients.append((channel, list(ids)))
     return clients
 
