@@ -11,11 +11,10 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_server.services.issuing import issue
 from meshtls.clock import ManualClock
 from meshtls.identity.ids import SpiffeId
 from tests.support.ca import running_ca
-from tests.support.trust import verifies
+from tests.support.trust import issue_recorded_leaf, verifies
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -52,21 +51,11 @@ async def test_three_intermediate_generations_and_a_root_rotation_keep_every_lea
             clock.set_sync(clock.now() + HOUR)
             await authorities.tick()
             now = clock.now()
-            signer = ctx.trust.keyring.signer
-            issued = issue(
-                signer,
-                key.public_key(),
-                spiffe_id=spiffe_id,
-                ttl_seconds=LEAF_TTL,
-                now=now,
-                kind="workload",
-                node_name="",
-            )
-            await ctx.record_issuance("", [issued.record], [])
-            leaves.append((issued.cert, list(signer.chain)))
-            signers.add(signer.authority_id)
+            leaf, chain = await issue_recorded_leaf(ctx, key.public_key(), spiffe_id, LEAF_TTL)
+            leaves.append((leaf, chain))
+            signers.add(ctx.trust.keyring.signer.authority_id)
             roots = list(ctx.trust.snapshot.roots)
-            bundles.add(tuple(r.fingerprint(issued.cert.signature_hash_algorithm) for r in roots))  # type: ignore[arg-type]
+            bundles.add(tuple(r.fingerprint(leaf.signature_hash_algorithm) for r in roots))  # type: ignore[arg-type]
             live = [(c, ch) for c, ch in leaves if c.not_valid_after_utc.timestamp() > now]
             for leaf, chain in live:
                 for bundle, which in ((roots, "current"), (previous_roots, "previous")):

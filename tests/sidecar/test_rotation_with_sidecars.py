@@ -22,13 +22,13 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ca_server.services.issuing import issue
 from meshtls.clock import ManualClock
 from meshtls.identity.ids import SpiffeId
 from sidecar.app import SidecarApp
+from sidecar.identity.model import TrustBundle
 from tests.sidecar.helpers import config_from, sidecar_document, wait_for
 from tests.support.ca import RunningCA, running_ca
-from tests.support.trust import verifies
+from tests.support.trust import issue_recorded_leaf, verifies
 
 HOUR = 3600.0
 DAY = 24 * HOUR
@@ -63,21 +63,32 @@ async def sidecars(
         yield apps
 
 
+Bundles = list[tuple[str, TrustBundle]]
+
+
+def held_bundles(apps: list[SidecarApp]) -> Bundles:
+    """The trust bundle each sidecar holds right now, by node name."""
+    held = []
+    for app in apps:
+        bundle = app.manager.snapshot().bundle
+        assert bundle is not None
+        held.append((app.config.node, bundle))
+    return held
+
+
 def check_every_live_leaf(
-    apps: list[SidecarApp],
+    bundles: Bundles,
     leaves: list[tuple[x509.Certificate, list[x509.Certificate]]],
     now: float,
     start: float,
 ) -> None:
-    for app in apps:
-        held = app.manager.snapshot().bundle
-        assert held is not None
+    for node, held in bundles:
         roots = list(held.roots)
         for leaf, chain in leaves:
             if leaf.not_valid_after_utc.timestamp() <= now:
                 continue
             assert verifies(leaf, chain, roots, now), (
-                f"{app.config.node}'s bundle (v{held.version}) rejects a live leaf signed by "
+                f"{node}'s bundle (v{held.version}) rejects a live leaf signed by "
                 f"{chain[0].subject.rfc4514_string()} at +{(now - start) / HOUR:.0f}h"
             )
 
@@ -119,24 +130,16 @@ async def test_sidecars_keep_trusting_every_live_leaf_through_rotations(tmp_path
         while clock.now() < start + 16 * DAY:
             clock.set_sync(clock.now() + HOUR)
             roots_before = set(ctx.trust.snapshot.roots)
+            # What every sidecar holds before this tick: a peer that has not yet heard of
+            # the tick's changes (taken now, so the check does not race the Watch push).
+            before = held_bundles(apps)
             await ca.server.authorities.tick()
             now = clock.now()
-            # A workload renews right away with whatever signs now...
-            signer = ctx.trust.keyring.signer
-            issued = issue(
-                signer,
-                key.public_key(),
-                spiffe_id=spiffe_id,
-                ttl_seconds=LEAF_TTL,
-                now=now,
-                kind="workload",
-                node_name="",
-            )
-            await ctx.record_issuance("", [issued.record], [])
-            leaves.append((issued.cert, list(signer.chain)))
-            # ...and its peers may not have heard of this tick's changes yet: every live
-            # leaf must verify against the bundle each sidecar holds at this moment.
-            check_every_live_leaf(apps, leaves, now, start)
+            # A workload renews right away with whatever signs now; its peers may still
+            # hold the bundle from before the tick, or already the new one.
+            leaves.append(await issue_recorded_leaf(ctx, key.public_key(), spiffe_id, LEAF_TTL))
+            check_every_live_leaf(before, leaves, now, start)
+            check_every_live_leaf(held_bundles(apps), leaves, now, start)
             version = ctx.trust.snapshot.version
             if set(ctx.trust.snapshot.roots) - roots_before:
                 pushes += 1
@@ -151,7 +154,7 @@ async def test_sidecars_keep_trusting_every_live_leaf_through_rotations(tmp_path
                     what=f"bundle version {version} on every sidecar",
                 )
                 assert time.monotonic() - pushed_at < 2.0
-                check_every_live_leaf(apps, leaves, now, start)
+                check_every_live_leaf(held_bundles(apps), leaves, now, start)
         with ctx.store.read() as tx:
             journal = tx.list_authorities()
     assert sum(a.kind == "root" for a in journal) >= 2

@@ -6,7 +6,12 @@ from __future__ import annotations
 import datetime as dt
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+from ca_server.services.context import CAContext
+from ca_server.services.issuing import issue
+from meshtls.identity.ids import SpiffeId
 
 
 def verifies(
@@ -27,3 +32,22 @@ def verifies(
     except VerificationError:
         return False
     return True
+
+
+async def issue_recorded_leaf(
+    ctx: CAContext, public_key: CertificatePublicKeyTypes, spiffe_id: SpiffeId, ttl: float
+) -> tuple[x509.Certificate, list[x509.Certificate]]:
+    """Sign a leaf with whatever signs now (at the CA's clock) and record it, as a renewing
+    workload would get it; returns (leaf, the intermediates to send with it)."""
+    signer = ctx.trust.keyring.signer
+    issued = issue(
+        signer,
+        public_key,
+        spiffe_id=spiffe_id,
+        ttl_seconds=ttl,
+        now=ctx.clock.now(),
+        kind="workload",
+        node_name="",
+    )
+    await ctx.record_issuance("", [issued.record], [])
+    return issued.cert, list(signer.chain)
