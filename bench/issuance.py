@@ -237,12 +237,19 @@ async def enroll_node_channel(
 
 
 async def load(
-    clients: list[tuple[grpc.aio.Channel, list[str]]], csrs_per_call: int, seconds: float
+    clients: list[tuple[grpc.aio.Channel, list[str]]],
+    csrs_per_call: int,
+    seconds: float,
+    rate: float = 0.0,
 ) -> Result:
+    """Closed loop (`rate` 0: every client calls again as soon as it has its answer) or
+    open loop (`rate` issuances/s offered in total, spread evenly over the clients; each
+    latency counts from the call's scheduled start, so queueing in the CA is not hidden)."""
     csrs = [new_csr()[1] for _ in range(64)]
     latencies: list[float] = []
     issued = errors = 0
-    stop_at = time.perf_counter() + seconds
+    began = time.perf_counter()
+    stop_at = began + seconds
 
     async def worker(index: int, channel: grpc.aio.Channel, entry_ids: list[str]) -> None:
         nonlocal issued, errors
@@ -255,8 +262,17 @@ async def load(
                 for k, e in enumerate(entry_ids[:csrs_per_call])
             ]
         )
+        interval = len(clients) * csrs_per_call / rate if rate else 0.0
+        scheduled = began + interval * index / len(clients)
         while time.perf_counter() < stop_at:
-            started = time.perf_counter()
+            if interval:
+                delay = scheduled - time.perf_counter()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                started = scheduled
+                scheduled += interval
+            else:
+                started = time.perf_counter()
             try:
                 answer = await stub.SignIdentities(request)
                 issued += len(answer.identities)
@@ -265,7 +281,6 @@ async def load(
                 continue
             latencies.append(time.perf_counter() - started)
 
-    began = time.perf_counter()
     await asyncio.gather(*[worker(i, ch, e) for i, (ch, e) in enumerate(clients)])
     return Result(issued, time.perf_counter() - began, latencies, errors)
 
@@ -288,7 +303,7 @@ async def bench_database(name: str, url: str | None, args: argparse.Namespace) -
                 runs = []
                 for _ in range(args.runs):
                     cpu_before = cpu_seconds(ca.proc.pid)
-                    result = await load(clients, batch, args.seconds)
+                    result = await load(clients, batch, args.seconds, args.rate)
                     result.server_cpu = cpu_seconds(ca.proc.pid) - cpu_before
                     runs.append(result)
                 med = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
@@ -329,6 +344,13 @@ def main() -> int:
     )
     parser.add_argument("--databases", nargs="+", default=["sqlite", "postgres"])
     parser.add_argument("--ca-workers", type=int, default=1, help="meshtls-ca serve --workers")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        default=0.0,
+        help="offer this many issuances/s in total (open loop) instead of as many as the CA "
+        "answers; latencies then show the queueing at that rate",
+    )
     args = parser.parse_args()
 
     raw = statistics.median(raw_sign_rate() for _ in range(3))
