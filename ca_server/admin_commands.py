@@ -357,6 +357,17 @@ def _build_authority(actions: argparse._SubParsersAction) -> None:  # type: igno
         action="store_true",
         help="activate at once, before every peer may have the new trust bundle",
     )
+    imported = actions.add_parser(
+        "import",
+        help="upstream mode: add a new intermediate from your PKI; it becomes the signer "
+        "once valid, propagated and outliving the active one",
+    )
+    imported.add_argument("--cert", type=Path, required=True, help="intermediate (PEM)")
+    imported.add_argument("--key", type=Path, required=True, help="its private key (PEM)")
+    imported.add_argument(
+        "--chain", type=Path, help="certificates above it up to the root (PEM), if new"
+    )
+    imported.add_argument("--json", action="store_true")
 
 
 def _authority_rows(authorities: list[admin_pb2.AuthorityRecord]) -> None:
@@ -376,7 +387,37 @@ def _authority_rows(authorities: list[admin_pb2.AuthorityRecord]) -> None:
     )
 
 
+def _read_input(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise OSError(f"cannot read the {what} {path}: {exc.strerror or exc}") from None
+
+
+def _import_authority(client: AdminClient, args: argparse.Namespace) -> int:
+    request = admin_pb2.ImportAuthorityRequest(
+        certificate_pem=_read_input(args.cert, "certificate file"),
+        private_key_pem=_read_input(args.key, "key file"),
+        chain_pem=_read_input(args.chain, "chain file") if args.chain else b"",
+    )
+    done = client.stub.ImportAuthority(request, timeout=TIMEOUT)
+    if args.json:
+        _json(done)
+        return 0
+    print(f"imported intermediate {done.imported.id} ({done.imported.subject})")
+    if done.HasField("new_root"):
+        print(f"new root {done.new_root.id} published in the trust bundle")
+    if done.HasField("activates_at"):
+        print(f"it becomes the signer at {_time(done.activates_at)}")
+    else:
+        print("it is the signer now")
+    _authority_rows(list(done.authorities))
+    return 0
+
+
 def _run_authority(client: AdminClient, args: argparse.Namespace) -> int:
+    if args.action == "import":
+        return _import_authority(client, args)
     if args.action == "rotate":
         if args.force:
             print(

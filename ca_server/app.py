@@ -35,6 +35,7 @@ from ca_server.authority.rotation import RotationSettings
 from ca_server.authority.upstream import load_upstream
 from ca_server.config import KEK_ENV, CAConfig
 from ca_server.db import migrate
+from ca_server.db.notify import supports_notify
 from ca_server.db.session import make_engine, redact_url
 from ca_server.db.store import Store
 from ca_server.domain import Authority
@@ -44,6 +45,7 @@ from ca_server.server_identity import ServerIdentity
 from ca_server.services.audit import event, log_committed
 from ca_server.services.authorities import AuthorityManager
 from ca_server.services.cache import TtlCache
+from ca_server.services.cluster_events import TrustChangeListener
 from ca_server.services.context import CAContext
 from ca_server.services.crl import CrlCache
 from ca_server.services.jobs import instrumented, watch_expiry
@@ -124,6 +126,7 @@ class CAServer:
         self._http: StatusServer | None = None
         self.server_identity: ServerIdentity | None = None
         self.authorities: AuthorityManager | None = None
+        self.trust_listener: TrustChangeListener | None = None  # PostgreSQL only
         self._scheduler: AsyncIOScheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -270,9 +273,14 @@ class CAServer:
         await watch_expiry(ctx, config.upstream_warning)
         self._tasks.append(
             asyncio.create_task(
-                self.authorities.poll_forever(config.trust_poll_interval), name="trust-poll"
+                self.authorities.follow_forever(config.trust_poll_interval), name="trust-follow"
             )
         )
+        if supports_notify(config.effective_database_url):
+            self.trust_listener = TrustChangeListener(
+                config.effective_database_url, self.authorities.nudge
+            )
+            self._tasks.append(asyncio.create_task(self.trust_listener.run(), name="trust-listen"))
         assert identity.agent is not None
         assert identity.enrollment is not None
 

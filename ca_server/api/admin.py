@@ -25,6 +25,7 @@ from ca_server.metrics import CAMetrics
 from ca_server.services import admin, nodes
 from ca_server.services.audit import event
 from ca_server.services.authorities import AuthorityManager
+from ca_server.services.authority_import import import_intermediate
 from ca_server.services.context import CAContext
 from ca_server.services.jobs import expiry_warnings
 from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
@@ -276,6 +277,28 @@ class AdminServicer(admin_pb2_grpc.AdminServiceServicer):
             actions=[f"{a.kind}: {a.reason}" for a in done],
             activates_at=convert.ts(due),
             authorities=[convert.authority(a) for a in found],
+        )
+
+    @rpc(_metrics)
+    async def ImportAuthority(
+        self, request: admin_pb2.ImportAuthorityRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ImportAuthorityResponse:
+        actor = await self._authorize(context)
+        if self._authorities is None:
+            raise FailedPrecondition("this server does not manage its authorities")
+        done = await import_intermediate(
+            self.ctx,
+            self._authorities,
+            cert_pem=request.certificate_pem,
+            key_pem=request.private_key_pem,
+            chain_pem=request.chain_pem,
+            actor=actor,
+        )
+        return admin_pb2.ImportAuthorityResponse(
+            imported=convert.authority(done.imported),
+            new_root=convert.authority(done.new_root) if done.new_root else None,
+            activates_at=convert.ts(done.activates_at),
+            authorities=[convert.authority(a) for a in done.authorities],
         )
 
     @rpc(_metrics)

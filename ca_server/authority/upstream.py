@@ -59,17 +59,21 @@ def _read_key(path: Path) -> CAPrivateKey:
             "upstream CA key file is readable by group or others; run chmod 600 on it",
             extra={"path": str(path), "mode": f"{mode:04o}"},
         )
+    return _parse_key(data, f"upstream key file {path}")
+
+
+def _parse_key(data: bytes, what: str) -> CAPrivateKey:
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except TypeError:
         raise ConfigError(
-            f"upstream key file {path} is encrypted with a passphrase; give it unencrypted "
+            f"{what} is encrypted with a passphrase; give it unencrypted "
             "(meshtls stores it encrypted under its KEK)"
         ) from None
     except ValueError:
-        raise ConfigError(f"upstream key file {path} does not hold a PEM private key") from None
+        raise ConfigError(f"{what} does not hold a PEM private key") from None
     try:
-        return as_ca_key(key, f"upstream key file {path}")
+        return as_ca_key(key, what)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import Sequence
 
+from ca_server.db.notify import notify_trust_changed
 from ca_server.db.tx import Tx
 from ca_server.domain import AuditEvent, CertificateRecord, Entry, Node
 from ca_server.errors import InvalidRequest, NotFound
@@ -19,6 +20,10 @@ MAX_PAGE = 1000
 DEFAULT_PAGE = 100
 _DNS_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _SELECTOR = re.compile(r"^[a-z0-9_-]+:[A-Za-z0-9_.:*/-]+$")
+# The Unix selectors the sidecar attests (sidecar/workload_api/attestation.py).
+_UNIX_SELECTOR = re.compile(
+    r"^unix:(uid:[0-9]{1,10}|gid:[0-9]{1,10}|user:[A-Za-z0-9_.-]+|group:[A-Za-z0-9_.-]+)$"
+)
 
 
 def page_size(requested: int) -> int:
@@ -69,6 +74,11 @@ async def create_entry(
         if not _SELECTOR.match(selector):
             raise InvalidRequest(
                 f"selector {selector!r} must look like type:value, e.g. unix:uid:1000"
+            )
+        if selector.startswith("unix:") and not _UNIX_SELECTOR.match(selector):
+            raise InvalidRequest(
+                f"selector {selector!r}: the unix selectors are unix:uid:<number>, "
+                "unix:gid:<number>, unix:user:<name> and unix:group:<name>"
             )
     entry = Entry(
         id=uuid.uuid4().hex,
@@ -127,8 +137,15 @@ async def revoke_certificate(
     now = ctx.clock.now()
 
     audit = event(now, actor, "certificate.revoke", normalized, reason=reason)
-    # The store bumps the trust-bundle version in the same transaction when it revokes.
-    record = await ctx.write(lambda tx: tx.revoke_certificate(normalized, now, reason), [audit])
+
+    def revoke(tx: Tx) -> CertificateRecord:
+        # The store bumps the trust-bundle version in the same transaction when it revokes;
+        # the other replicas hear of it when that transaction commits.
+        revoked = tx.revoke_certificate(normalized, now, reason)
+        notify_trust_changed(tx)
+        return revoked
+
+    record = await ctx.write(revoke, [audit])
     ctx.auth_cache.discard(normalized)
     await ctx.refresh_trust()
     return record
@@ -149,6 +166,7 @@ async def ban_node(ctx: CAContext, name: str, reason: str, actor: str) -> Node:
             event(now, actor, "certificate.revoke", s, reason="node banned") for s in serials
         ]
         tx.add_audit_events(revocations)
+        notify_trust_changed(tx)
         return node
 
     node = await ctx.write(work, [event(now, actor, "node.ban", name, reason=reason)])

@@ -1,13 +1,25 @@
 """The authority journal at run time: apply rotation plans (prepare, activate, retire),
-and keep this process's keyring and trust snapshot in step with the database, including
-changes made by another replica (the bundle version is polled)."""
+import an operator's intermediate (upstream mode), and keep this process's keyring and
+trust snapshot in step with the database, including changes made by another replica.
+
+Following other replicas: every change of authorities or revocations bumps the bundle
+version and (on PostgreSQL) NOTIFYs in the same transaction. `nudge()` (called by the
+LISTEN connection, `services.cluster_events`) makes `follow_forever` reload at once. The
+fallback is the signing fence's heartbeat thread (`services.signing_fence`), which reads
+the database every `trust_poll_interval / 4`, nudges on any change, and keeps the signer
+usable only while it is confirmed the active authority within `trust_poll_interval`
+(at least 1 s)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
+import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 from ca_server.authority.kek import Kek
 from ca_server.authority.keyring import Keyring
@@ -20,17 +32,36 @@ from ca_server.authority.rotation import (
     plan,
     prepared_intermediate,
 )
+from ca_server.authority.upstream_import import import_activation
+from ca_server.db.notify import notify_trust_changed
 from ca_server.db.tx import Tx
 from ca_server.domain import Authority
 from ca_server.errors import CAError, FailedPrecondition
 from ca_server.services.audit import event
 from ca_server.services.context import CAContext
+from ca_server.services.signing_fence import FencedSigner, FenceHeartbeat, SigningFence
 from meshtls.clock import utc
 from meshtls.identity.x509 import fingerprint_sha256
 
 log = logging.getLogger(__name__)
 
 ROTATION_LEASE = "rotation"
+# The fence's heartbeat reads the database this many times per trust_poll_interval, so a
+# read may be late by up to 3/4 of the interval before the signing fence closes.
+CONFIRMS_PER_INTERVAL = 4
+# A shorter poll interval polls faster but does not tighten the fence below this: on a
+# loaded host a read can take a few hundred milliseconds without anything being wrong.
+MIN_FENCE_SECONDS = 1.0
+
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImportResult:
+    imported: Authority
+    new_root: Authority | None
+    authorities: list[Authority]
+    activates_at: float | None  # None once it is the signer
 
 
 class AuthorityManager:
@@ -40,6 +71,7 @@ class AuthorityManager:
         kek: Kek,
         settings: RotationSettings,
         on_roots_changed: Callable[[bytes], None] | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self._ctx = ctx
         self._kek = kek
@@ -48,6 +80,12 @@ class AuthorityManager:
         self._lock = asyncio.Lock()
         self._requested = False
         self._pending_activation: asyncio.Task[None] | None = None
+        self.fence = SigningFence(max(ctx.config.trust_poll_interval, MIN_FENCE_SECONDS), monotonic)
+        self._nudged = asyncio.Event()
+        # The follow loop's reads get their own thread, so a busy default executor (a
+        # renewal storm) cannot delay the fence's heartbeat.
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="trust-follow")
+        self._stopped = False
 
     def build_keyring(
         self, authorities: list[Authority], last_leaf_expiry: dict[str, float]
@@ -55,12 +93,27 @@ class AuthorityManager:
         ids = bundle_root_ids(
             authorities, self._ctx.clock.now(), last_leaf_expiry, self.settings.retired_grace
         )
-        return Keyring.from_authorities(authorities, self._kek, bundle_root_ids=ids)
+        keyring = Keyring.from_authorities(authorities, self._kek, bundle_root_ids=ids)
+        signer = FencedSigner.wrap(
+            keyring.signer, keyring.active_intermediate, self._kek, self.fence
+        )
+        return dataclasses.replace(keyring, signer=signer)
+
+    async def _read(self, fn: Callable[[Tx], T]) -> T:
+        if self._stopped:  # stopping: the shared executor still serves the last reads
+            return await self._ctx.read(fn)
+
+        def run() -> T:
+            with self._ctx.store.read() as tx:
+                return fn(tx)
+
+        return await asyncio.get_running_loop().run_in_executor(self._executor, run)
 
     async def reload(self) -> None:
         """Rebuild the keyring and the trust snapshot from the database and publish them."""
         ctx = self._ctx
         now = ctx.clock.now()
+        started = self.fence.mark()
 
         def load(tx: Tx) -> tuple[int, list[Authority], dict[str, float], list]:  # type: ignore[type-arg]
             return (
@@ -70,10 +123,11 @@ class AuthorityManager:
                 tx.revoked_unexpired(now),
             )
 
-        version, authorities, expiry, revoked = await ctx.read(load)
+        version, authorities, expiry, revoked = await self._read(load)
         old_roots = ctx.trust.snapshot.roots
         keyring = self.build_keyring(authorities, expiry)
         ctx.trust.publish(version, revoked, keyring)
+        self.fence.confirm(started)
         ctx.metrics.revoked.set(len(revoked))
         ctx.auth_cache.clear()
         if keyring.roots != old_roots:
@@ -88,16 +142,46 @@ class AuthorityManager:
             if self._on_roots_changed is not None:
                 self._on_roots_changed(ctx.trust.snapshot.roots_pem)
 
-    async def poll_forever(self, interval: float = 1.0) -> None:
-        """Pick up authorities and revocations another replica committed."""
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                version = await self._ctx.read(lambda tx: tx.bundle_version())
-                if version != self._ctx.trust.snapshot.version:
-                    await self.reload()
-            except CAError as exc:
-                log.warning("trust state poll failed", extra={"reason": exc.message})
+    def nudge(self, version: int | None = None) -> None:
+        """Another replica announced trust-state `version` (None: unknown, check): reload
+        at once unless this replica already holds it."""
+        if version is None or version > self._ctx.trust.snapshot.version:
+            self._nudged.set()
+
+    def _held(self) -> tuple[int, str]:
+        trust = self._ctx.trust
+        return trust.snapshot.version, trust.keyring.signer.authority_id
+
+    async def follow_forever(self, interval: float) -> None:
+        """Pick up authorities and revocations another replica committed: at once when
+        nudged (a NOTIFY, or the fence's heartbeat thread, which polls every
+        `interval / CONFIRMS_PER_INTERVAL`), and by its own check every `interval`."""
+        loop = asyncio.get_running_loop()
+        heartbeat = FenceHeartbeat(
+            self.fence,
+            self._ctx.store,
+            self._held,
+            lambda: loop.call_soon_threadsafe(self._nudged.set),
+            interval / CONFIRMS_PER_INTERVAL,
+        )
+        heartbeat.start()
+        try:
+            while True:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._nudged.wait(), interval)
+                self._nudged.clear()
+                try:
+                    await self.check_version()
+                except CAError as exc:
+                    log.warning("trust state poll failed", extra={"reason": exc.message})
+        finally:
+            heartbeat.stop()
+
+    async def check_version(self) -> None:
+        """Reload when the database holds a newer trust state."""
+        version = await self._read(lambda tx: tx.bundle_version())
+        if version != self._ctx.trust.snapshot.version:
+            await self.reload()
 
     async def tick(self, *, immediate: bool = False) -> list[Action]:
         """Apply what the rotation plan says is due now (and what an operator requested);
@@ -116,6 +200,9 @@ class AuthorityManager:
                     requested=self._requested,
                     immediate=immediate,
                 )
+                imported = import_activation(authorities, now, self.settings.min_propagation)
+                if not actions and imported is not None:
+                    actions = [imported]
                 if not actions:
                     break
                 for action in actions:
@@ -154,12 +241,20 @@ class AuthorityManager:
             )
             for root_id in dropped
         ]
-        await ctx.write(lambda tx: tx.bump_bundle_version(), events)
+
+        def bump(tx: Tx) -> None:
+            tx.bump_bundle_version()
+            notify_trust_changed(tx)
+
+        await ctx.write(bump, events)
         await self.reload()
 
-    async def request_rotation(self, *, immediate: bool) -> list[Action]:
-        """An operator's `authority rotate`: prepare and publish now; activate once the new
-        authority has propagated (the scheduled check does it), or at once if `immediate`."""
+    @property
+    def kek(self) -> Kek:
+        return self._kek
+
+    async def require_lease(self) -> None:
+        """Take the cluster-wide rotation lease, or say which replica holds it."""
         if not await self._ctx.take_lease(ROTATION_LEASE, self.settings.lease):
             now = self._ctx.clock.now()
             holder = await self._ctx.read(lambda tx: tx.lease_holder(ROTATION_LEASE, now))
@@ -167,15 +262,18 @@ class AuthorityManager:
                 f"another CA replica ({holder}) is running the rotation job; run the command "
                 f"there, or retry once its lease runs out (at most {self.settings.lease:.0f}s)"
             )
+
+    async def request_rotation(self, *, immediate: bool) -> list[Action]:
+        """An operator's `authority rotate`: prepare and publish now; activate once the new
+        authority has propagated (the scheduled check does it), or at once if `immediate`."""
+        await self.require_lease()
         self._requested = True
         actions = await self.tick(immediate=immediate)
         if self._requested:
             authorities = await self._ctx.read(lambda tx: tx.list_authorities())
             due = self.activation_due_at(authorities)
             if due is not None:
-                self._pending_activation = asyncio.create_task(
-                    self._activate_at(due), name="requested-activation"
-                )
+                await self.schedule_activation(due)
         if immediate:
             log.warning(
                 "authority rotated at once on request, before peers could learn the new trust "
@@ -194,11 +292,23 @@ class AuthorityManager:
             )
 
     async def stop(self) -> None:
+        await self._cancel_pending_activation()
+        self._stopped = True
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    async def _cancel_pending_activation(self) -> None:
         task, self._pending_activation = self._pending_activation, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+
+    async def schedule_activation(self, due: float) -> None:
+        """Run the rotation check at `due` (a prepared authority's activation time)."""
+        await self._cancel_pending_activation()
+        self._pending_activation = asyncio.create_task(
+            self._activate_at(due), name="requested-activation"
+        )
 
     def activation_due_at(self, authorities: list[Authority]) -> float | None:
         """When a requested rotation's prepared authority may be activated."""
@@ -257,6 +367,7 @@ class AuthorityManager:
         def add(tx: Tx) -> None:
             for a in created:
                 tx.add_authority(a)
+            notify_trust_changed(tx)
 
         await ctx.write(add, events)
 
@@ -287,6 +398,7 @@ class AuthorityManager:
         def apply(tx: Tx) -> None:
             for authority_id, state in changes:
                 tx.set_authority_state(authority_id, state, now)  # type: ignore[arg-type]
+            notify_trust_changed(tx)
 
         await self._ctx.write(apply, events)
         log.warning(

@@ -153,11 +153,15 @@ class IdentityManager:
         self.retry_at = 0.0
         self._wake.set()
 
-    def offer_trust_update(self, update: TrustUpdate) -> None:
-        """Called by the Watch task; the update is applied by the manager's own task."""
+    def offer_trust_update(self, update: TrustUpdate, *, polled: bool = False) -> bool:
+        """Called by the Watch task; the update is applied by the manager's own task.
+        A `polled` update older than what the stream delivered is dropped (False)."""
+        if polled and update.version < self.trust_version:
+            return False
         self.trust_version = max(self.trust_version, update.version)
         self._pending_trust = update
         self._wake.set()
+        return True
 
     # -- startup -------------------------------------------------------------------------
 

@@ -566,6 +566,74 @@ class RotateAuthorityResponse(_message.Message):
 Global___RotateAuthorityResponse: _TypeAlias = RotateAuthorityResponse  # noqa: Y015
 
 @_typing.final
+class ImportAuthorityRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _builtins.int
+    CHAIN_PEM_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.bytes
+    """PEM: the intermediate certificate first; any certificates after it count as chain."""
+    private_key_pem: _builtins.bytes
+    """PEM: its private key, unencrypted (the CA stores it encrypted under its KEK)."""
+    chain_pem: _builtins.bytes
+    """PEM: the certificates above it up to the root. May be left out when the CA already
+    holds them (the same operator root or chain as the active intermediate).
+    """
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.bytes = ...,
+        private_key_pem: _builtins.bytes = ...,
+        chain_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "chain_pem", b"chain_pem", "private_key_pem", b"private_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportAuthorityRequest: _TypeAlias = ImportAuthorityRequest  # noqa: Y015
+
+@_typing.final
+class ImportAuthorityResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    IMPORTED_FIELD_NUMBER: _builtins.int
+    NEW_ROOT_FIELD_NUMBER: _builtins.int
+    ACTIVATES_AT_FIELD_NUMBER: _builtins.int
+    AUTHORITIES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def imported(self) -> Global___AuthorityRecord: ...
+    @_builtins.property
+    def new_root(self) -> Global___AuthorityRecord:
+        """The operator root it brought, published in the trust bundle now (unset: a root the
+        bundle already holds).
+        """
+
+    @_builtins.property
+    def activates_at(self) -> _timestamp_pb2.Timestamp:
+        """When it becomes the signer (unset when it already is)."""
+
+    @_builtins.property
+    def authorities(self) -> _containers.RepeatedCompositeFieldContainer[Global___AuthorityRecord]: ...
+    def __init__(
+        self,
+        *,
+        imported: Global___AuthorityRecord | None = ...,
+        new_root: Global___AuthorityRecord | None = ...,
+        activates_at: _timestamp_pb2.Timestamp | None = ...,
+        authorities: _abc.Iterable[Global___AuthorityRecord] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["activates_at", b"activates_at", "imported", b"imported", "new_root", b"new_root"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["activates_at", b"activates_at", "authorities", b"authorities", "imported", b"imported", "new_root", b"new_root"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ImportAuthorityResponse: _TypeAlias = ImportAuthorityResponse  # noqa: Y015
+
+@_typing.final
 class ListAuthoritiesResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -92,6 +92,11 @@ class AdminServiceStub:
                 request_serializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityRequest.SerializeToString,
                 response_deserializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityResponse.FromString,
                 _registered_method=True)
+        self.ImportAuthority = channel.unary_unary(
+                '/meshtls.v1.AdminService/ImportAuthority',
+                request_serializer=meshtls_dot_v1_dot_admin__pb2.ImportAuthorityRequest.SerializeToString,
+                response_deserializer=meshtls_dot_v1_dot_admin__pb2.ImportAuthorityResponse.FromString,
+                _registered_method=True)
         self.GetCrl = channel.unary_unary(
                 '/meshtls.v1.AdminService/GetCrl',
                 request_serializer=meshtls_dot_v1_dot_types__pb2.GetCrlRequest.SerializeToString,
@@ -182,6 +187,16 @@ class AdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ImportAuthority(self, request, context):
+        """Upstream mode: add a new intermediate issued by the operator's PKI. It is validated,
+        stored with its key encrypted under the KEK, its root (if new) enters the trust bundle
+        at once, and it becomes the signer when it is valid, its root has propagated and it
+        outlives the active intermediate (at once when all of that already holds).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetCrl(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -257,6 +272,11 @@ def add_AdminServiceServicer_to_server(servicer, server):
                     servicer.RotateAuthority,
                     request_deserializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityRequest.FromString,
                     response_serializer=meshtls_dot_v1_dot_admin__pb2.RotateAuthorityResponse.SerializeToString,
+            ),
+            'ImportAuthority': grpc.unary_unary_rpc_method_handler(
+                    servicer.ImportAuthority,
+                    request_deserializer=meshtls_dot_v1_dot_admin__pb2.ImportAuthorityRequest.FromString,
+                    response_serializer=meshtls_dot_v1_dot_admin__pb2.ImportAuthorityResponse.SerializeToString,
             ),
             'GetCrl': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCrl,
@@ -573,6 +593,33 @@ class AdminService:
             '/meshtls.v1.AdminService/RotateAuthority',
             meshtls_dot_v1_dot_admin__pb2.RotateAuthorityRequest.SerializeToString,
             meshtls_dot_v1_dot_admin__pb2.RotateAuthorityResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ImportAuthority(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/meshtls.v1.AdminService/ImportAuthority',
+            meshtls_dot_v1_dot_admin__pb2.ImportAuthorityRequest.SerializeToString,
+            meshtls_dot_v1_dot_admin__pb2.ImportAuthorityResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,12 @@ class AdminServiceStub:
     """Prepare (and publish) the next signing authority now; it is activated once it has
     propagated, or at once with `immediate`.
     """
+    ImportAuthority: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ImportAuthorityRequest, _admin_pb2.ImportAuthorityResponse]
+    """Upstream mode: add a new intermediate issued by the operator's PKI. It is validated,
+    stored with its key encrypted under the KEK, its root (if new) enters the trust bundle
+    at once, and it becomes the signer when it is valid, its root has propagated and it
+    outlives the active intermediate (at once when all of that already holds).
+    """
     GetCrl: _grpc.UnaryUnaryMultiCallable[_types_pb2.GetCrlRequest, _types_pb2.Crl]
     GetTrustBundle: _grpc.UnaryUnaryMultiCallable[_types_pb2.GetTrustBundleRequest, _types_pb2.TrustBundle]
     GetStatus: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetStatusRequest, _admin_pb2.StatusResponse]
@@ -74,6 +80,12 @@ class AdminServiceAsyncStub(AdminServiceStub):
     RotateAuthority: _aio.UnaryUnaryMultiCallable[_admin_pb2.RotateAuthorityRequest, _admin_pb2.RotateAuthorityResponse]  # type: ignore[assignment]
     """Prepare (and publish) the next signing authority now; it is activated once it has
     propagated, or at once with `immediate`.
+    """
+    ImportAuthority: _aio.UnaryUnaryMultiCallable[_admin_pb2.ImportAuthorityRequest, _admin_pb2.ImportAuthorityResponse]  # type: ignore[assignment]
+    """Upstream mode: add a new intermediate issued by the operator's PKI. It is validated,
+    stored with its key encrypted under the KEK, its root (if new) enters the trust bundle
+    at once, and it becomes the signer when it is valid, its root has propagated and it
+    outlives the active intermediate (at once when all of that already holds).
     """
     GetCrl: _aio.UnaryUnaryMultiCallable[_types_pb2.GetCrlRequest, _types_pb2.Crl]  # type: ignore[assignment]
     GetTrustBundle: _aio.UnaryUnaryMultiCallable[_types_pb2.GetTrustBundleRequest, _types_pb2.TrustBundle]  # type: ignore[assignment]
@@ -162,6 +174,18 @@ class AdminServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_admin_pb2.RotateAuthorityResponse, _abc.Awaitable[_admin_pb2.RotateAuthorityResponse]]:
         """Prepare (and publish) the next signing authority now; it is activated once it has
         propagated, or at once with `immediate`.
+        """
+
+    @_abc_1.abstractmethod
+    def ImportAuthority(
+        self,
+        request: _admin_pb2.ImportAuthorityRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ImportAuthorityResponse, _abc.Awaitable[_admin_pb2.ImportAuthorityResponse]]:
+        """Upstream mode: add a new intermediate issued by the operator's PKI. It is validated,
+        stored with its key encrypted under the KEK, its root (if new) enters the trust bundle
+        at once, and it becomes the signer when it is valid, its root has propagated and it
+        outlives the active intermediate (at once when all of that already holds).
         """
 
     @_abc_1.abstractmethod
