@@ -22,14 +22,21 @@ def test_generated_protobuf_code_matches_the_proto_files() -> None:
     assert done.returncode == 0, done.stderr
 
 
-def test_drift_is_detected(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("source", "generated"),
+    [
+        ("meshtls/v1/types.proto", "meshtls/v1/types_pb2.py"),
+        ("spiffe/workloadapi.proto", "meshtls/spiffe/workloadapi_pb2.py"),
+    ],
+)
+def test_drift_is_detected(tmp_path: Path, source: str, generated: str) -> None:
     """The check above can fail: a copy of proto/ with an edited .proto is reported stale."""
     import shutil
 
     copy = tmp_path / "proto"
     shutil.copytree(ROOT / "proto", copy, ignore=shutil.ignore_patterns("__pycache__"))
-    types_proto = copy / "meshtls" / "v1" / "types.proto"
-    types_proto.write_text(types_proto.read_text() + "\nmessage DriftProbe {}\n")
+    edited = copy / source
+    edited.write_text(edited.read_text() + "\nmessage DriftProbe {}\n")
     done = subprocess.run(
         [sys.executable, str(copy / "gen.py"), "--check"],
         capture_output=True,
@@ -38,6 +45,7 @@ def test_drift_is_detected(tmp_path: Path) -> None:
     )
     assert done.returncode == 1
     assert "stale" in done.stderr
+    assert generated in done.stderr
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,11 +80,31 @@ class SignedCertificate:
 
 @dataclass(frozen=True)
 class TrustUpdate:
-    """One message of the Watch stream: the bundle and the revoked serials (hex)."""
+    """One message of the Watch stream (or one poll of GetTrustBundle + GetCrl while the
+    stream is down): the bundle and the revoked serials (hex)."""
 
     version: int
     bundle: TrustBundle
     revoked: frozenset[str]
+
+
+@dataclass(frozen=True)
+class Revocations:
+    """The revoked serials (hex) of the CA's CRL, and the trust-state version it was made
+    from (its CRL number)."""
+
+    version: int
+    serials: frozenset[str]
+
+
+def revocations_from_crl(msg: types_pb2.Crl) -> Revocations:
+    """Read the serials of a DER CRL. Its signature is not checked: it came over the
+    mutual-TLS channel that authenticated the CA, like the Watch stream's list."""
+    try:
+        crl = x509.load_der_x509_crl(bytes(msg.der))
+    except ValueError as exc:
+        raise CAInvalidResponse(f"the CA returned an unreadable CRL: {exc}") from None
+    return Revocations(int(msg.number), frozenset(format(r.serial_number, "x") for r in crl))
 
 
 def retry_after_of(metadata: object) -> float | None:
@@ -171,7 +191,7 @@ def _entry_from_proto(msg: types_pb2.RegistrationEntry) -> Entry:
         sid = SpiffeId.parse(msg.spiffe_id)
     except InvalidSpiffeId as exc:
         raise CAInvalidResponse(f"registration entry {msg.id!r}: {exc}") from None
-    return Entry(msg.id, sid, tuple(msg.dns_names), int(msg.ttl_seconds))
+    return Entry(msg.id, sid, tuple(msg.dns_names), int(msg.ttl_seconds), tuple(msg.selectors))
 
 
 def _revoked_serials(items: Sequence[types_pb2.RevokedCertificate]) -> frozenset[str]:
@@ -390,11 +410,28 @@ class CAClient:
         reply = await self._agent_call("get_trust_bundle", stub.GetTrustBundle, request)
         return bundle_from_proto(reply)
 
-    async def watch(self, known_version: int) -> AsyncIterator[TrustUpdate]:
-        """Trust snapshots as the CA publishes them; ends with a CAError on failure."""
+    async def revocations(self) -> Revocations:
+        """The CA's revocation list (GetCrl), for when the Watch stream is down."""
+        stub = self._agent_stub("get_crl")
+        reply = await self._agent_call("get_crl", stub.GetCrl, types_pb2.GetCrlRequest())
+        try:
+            return revocations_from_crl(reply)
+        except CAInvalidResponse as exc:
+            exc.operation = "get_crl"
+            raise
+
+    async def watch(
+        self, known_version: int, on_open: Callable[[], None] | None = None
+    ) -> AsyncIterator[TrustUpdate]:
+        """Trust snapshots as the CA publishes them; ends with a CAError on failure.
+        `on_open` runs once the stream is established (the request reached the CA), which
+        may be long before its first message."""
         stub = self._agent_stub("watch")
         call = stub.Watch(agent_pb2.WatchRequest(known_version=known_version))
         try:
+            if on_open is not None:
+                await call.wait_for_connection()
+                on_open()
             async for snap in call:
                 revoked = _revoked_serials(snap.revoked)
                 yield TrustUpdate(int(snap.version), bundle_from_proto(snap.bundle), revoked)

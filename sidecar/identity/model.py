@@ -84,6 +84,10 @@ class Entry:
     spiffe_id: SpiffeId
     dns_names: tuple[str, ...] = ()
     ttl_seconds: int = 0
+    # Workload selectors such as "unix:uid:1000": who may receive this identity on the
+    # Workload API and SDS (sidecar/workload_api/attestation.py). Empty: nobody, unless
+    # the sidecar config allows entries without selectors.
+    selectors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,7 @@ def _entry_to_json(entry: Entry) -> dict[str, Any]:
         "spiffe_id": str(entry.spiffe_id),
         "dns_names": list(entry.dns_names),
         "ttl_seconds": entry.ttl_seconds,
+        "selectors": list(entry.selectors),
     }
 
 
@@ -83,7 +84,10 @@ def _entry_from_json(data: object) -> Entry:
         raise ValueError("dns_names must be a list of strings")
     if not isinstance(ttl, int):
         raise ValueError("ttl_seconds must be an integer")
-    return Entry(entry_id, SpiffeId.parse(sid), tuple(dns), ttl)
+    selectors = data.get("selectors", [])
+    if not isinstance(selectors, list) or not all(isinstance(s, str) for s in selectors):
+        raise ValueError("selectors must be a list of strings")
+    return Entry(entry_id, SpiffeId.parse(sid), tuple(dns), ttl, tuple(selectors))
 
 
 def _svid_to_json(svid: Svid, issued_at: float) -> dict[str, Any]:
