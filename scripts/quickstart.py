@@ -1,9 +1,16 @@
-"""`make run`: a CA and a sidecar on this machine (SQLite, loopback), the sidecar enrolled
-with a one-time token, and the identities it holds printed with their expiry.
+"""`make run`: the whole mesh on this machine (SQLite, loopback).
+
+A CA; two sidecars, `web-1` and `api-1`, enrolled with one-time tokens; and two sample
+services that know nothing about TLS: `web` calls `api` every half second through its
+sidecar's outbound listener, the api sidecar's inbound listener checks that the caller is
+spiffe://example.org/svc/web and tells the app who called (PROXY protocol v2). The demo
+shows the requests flowing, a plaintext client and a client with another CA's certificate
+being refused, and identities (60 s TTL, renewed every ~6 s here) rotating under traffic
+without a failed request.
 
 Everything lives in ./.meshtls/quickstart (removed at each start). The CA runs with --dev,
 which generates a throwaway key-encryption key: never do that in production.
-Ctrl-C stops both processes; --once stops them after printing.
+Ctrl-C stops everything; --once stops after both identities have rotated under traffic.
 """
 
 from __future__ import annotations
@@ -16,18 +23,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from scripts.demo.probes import foreign_ca_client, plaintext_client, refusals  # noqa: E402
+
 BIN = Path(sys.executable).parent
 TRUST_DOMAIN = "example.org"
-NODE = "web-1"
-IDENTITIES = [
-    ("spiffe://example.org/svc/web", ["web.internal"]),
-    ("spiffe://example.org/svc/api", []),
-]
+WEB_ID = "spiffe://example.org/svc/web"
+API_ID = "spiffe://example.org/svc/api"
+APPS = [sys.executable, str(ROOT / "scripts" / "demo" / "apps.py")]
 
 
 def free_port() -> int:
@@ -50,7 +60,12 @@ def ca(*args: str, data_dir: Path) -> str:
     return out.stdout
 
 
-def wait_for(what: str, check, timeout: float = 30.0, procs=()) -> None:  # type: ignore[no-untyped-def]
+def wait_for(
+    what: str,
+    check: Callable[[], bool],
+    timeout: float = 30.0,
+    procs: Sequence[subprocess.Popen[bytes] | subprocess.Popen[str]] = (),
+) -> None:
     deadline = time.monotonic() + timeout
     delay = 0.05
     while time.monotonic() < deadline:
@@ -69,25 +84,83 @@ def wait_for(what: str, check, timeout: float = 30.0, procs=()) -> None:  # type
     raise SystemExit(f"timed out waiting for {what}")
 
 
-def sidecar_status(port: int) -> dict:  # type: ignore[type-arg]
+def sidecar_status(port: int) -> dict[str, object]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/status", timeout=2) as answer:
-        return json.loads(answer.read())  # type: ignore[no-any-return]
+        document: dict[str, object] = json.loads(answer.read())
+        return document
+
+
+def serials(port: int) -> dict[str, str]:
+    identities = sidecar_status(port).get("identities", [])
+    assert isinstance(identities, list)
+    return {str(i["spiffe_id"]): str(i["serial"]) for i in identities}
+
+
+def listening(port: int) -> bool:
+    with socket.create_connection(("127.0.0.1", port), timeout=1):
+        return True
+
+
+class Traffic:
+    """Reads the web service's output: one line per request."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.ok = 0
+        self.failed = 0
+        self.last = ""
+        self._proc = proc
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            verdict, _, rest = line.strip().partition(" ")
+            number, _, answer = rest.partition(" ")
+            if verdict == "ok":
+                self.ok += 1
+            else:
+                self.failed += 1
+            print(f"    web -> api #{number}: {answer if verdict == 'ok' else 'FAILED ' + answer}")
+
+
+def sidecar_config(
+    directory: Path, node: str, agent: str, enroll: str, status_port: int
+) -> dict[str, object]:
+    return {
+        "trust_domain": TRUST_DOMAIN,
+        "node": node,
+        "state_dir": str(directory / "state"),
+        "ca": {
+            "address": agent,
+            "enroll_address": enroll,
+            "trust_bundle": str(directory.parent / "bundle.pem"),
+            "join_token_file": str(directory / "token"),
+        },
+        "status": {"listen": f"127.0.0.1:{status_port}"},
+        # Renew at ~10 % of the 60 s lifetime, so that rotations happen while you watch.
+        "renewal": {"fraction": 0.1, "jitter": 0.02},
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--once", action="store_true", help="stop after printing the identities")
+    parser.add_argument("--once", action="store_true", help="stop after both identities rotated")
     parser.add_argument("--dir", type=Path, default=ROOT / ".meshtls" / "quickstart")
+    parser.add_argument("--interval", type=float, default=0.5, help="seconds between requests")
     args = parser.parse_args()
 
     base: Path = args.dir
     shutil.rmtree(base, ignore_errors=True)
-    ca_dir, sidecar_dir = base / "ca", base / "sidecar"
-    sidecar_dir.mkdir(parents=True, mode=0o700)
-    agent_port, enroll_port, status_port = free_port(), free_port(), free_port()
-    procs: list[subprocess.Popen[bytes]] = []
+    ca_dir = base / "ca"
+    web_dir, api_dir = base / "web-1", base / "api-1"
+    for directory in (web_dir, api_dir):
+        directory.mkdir(parents=True, mode=0o700)
+    agent, enroll = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    web_status, api_status = free_port(), free_port()
+    api_app, api_inbound, web_outbound = free_port(), free_port(), free_port()
+    procs: list[subprocess.Popen[bytes] | subprocess.Popen[str]] = []
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     try:
         step(f"starting the CA (trust domain {TRUST_DOMAIN}, SQLite in {ca_dir})")
@@ -102,9 +175,9 @@ def main() -> int:
                     "--trust-domain",
                     TRUST_DOMAIN,
                     "--listen",
-                    f"127.0.0.1:{agent_port}",
+                    agent,
                     "--enroll-listen",
-                    f"127.0.0.1:{enroll_port}",
+                    enroll,
                     "--http-listen",
                     "off",
                     "--log-level",
@@ -116,88 +189,144 @@ def main() -> int:
         wait_for("the CA admin socket", lambda: (ca_dir / "admin.sock").exists(), procs=procs)
         wait_for("the CA", lambda: bool(ca("status", data_dir=ca_dir)), procs=procs)
 
-        step(f"registering identities for node {NODE} and creating a join token")
-        for spiffe_id, dns in IDENTITIES:
-            extra = [a for name in dns for a in ("--dns", name)]
+        step("registering svc/web on node web-1 and svc/api on node api-1 (60 s certificates)")
+        for spiffe_id, node, directory in ((WEB_ID, "web-1", web_dir), (API_ID, "api-1", api_dir)):
             ca(
                 "entry",
                 "create",
                 "--spiffe-id",
                 spiffe_id,
                 "--node",
-                NODE,
+                node,
                 "--ttl",
-                "1h",
-                *extra,
+                "1m",
                 data_dir=ca_dir,
             )
-        token = ca("token", "create", "--node", NODE, data_dir=ca_dir).strip()
-        (sidecar_dir / "token").write_text(token + "\n")
-        os.chmod(sidecar_dir / "token", 0o600)
-        (sidecar_dir / "bundle.pem").write_text(ca("bundle", "show", data_dir=ca_dir))
+            token = ca("token", "create", "--node", node, data_dir=ca_dir).strip()
+            (directory / "token").write_text(token + "\n")
+            os.chmod(directory / "token", 0o600)
+        (base / "bundle.pem").write_text(ca("bundle", "show", data_dir=ca_dir))
 
-        config = sidecar_dir / "sidecar.yaml"
-        config.write_text(
-            json.dumps(
-                {
-                    "trust_domain": TRUST_DOMAIN,
-                    "node": NODE,
-                    "state_dir": str(sidecar_dir / "state"),
-                    "ca": {
-                        "address": f"127.0.0.1:{agent_port}",
-                        "enroll_address": f"127.0.0.1:{enroll_port}",
-                        "trust_bundle": str(sidecar_dir / "bundle.pem"),
-                        "join_token_file": str(sidecar_dir / "token"),
-                    },
-                    "files": [
-                        {"spiffe_id": IDENTITIES[0][0], "dir": str(sidecar_dir / "files" / "web")}
+        api_config = sidecar_config(api_dir, "api-1", agent, enroll, api_status)
+        api_config["inbound"] = [
+            {
+                "name": "api",
+                "listen": f"127.0.0.1:{api_inbound}",
+                "forward": f"127.0.0.1:{api_app}",
+                "identity": API_ID,
+                "allow": [WEB_ID],
+                "proxy_protocol": True,
+            }
+        ]
+        web_config = sidecar_config(web_dir, "web-1", agent, enroll, web_status)
+        web_config["outbound"] = [
+            {
+                "name": "api",
+                "listen": f"127.0.0.1:{web_outbound}",
+                "connect": f"127.0.0.1:{api_inbound}",
+                "identity": WEB_ID,
+                "expect": API_ID,
+            }
+        ]
+        configs = {}
+        for name, directory, document in (
+            ("web-1", web_dir, web_config),
+            ("api-1", api_dir, api_config),
+        ):
+            configs[name] = directory / "sidecar.yaml"
+            configs[name].write_text(json.dumps(document, indent=2))
+        step("starting both sidecars; each enrolls with its token (keys never leave them)")
+        for name in ("api-1", "web-1"):
+            procs.append(
+                subprocess.Popen(
+                    [
+                        BIN / "meshtls-sidecar",
+                        "run",
+                        "--config",
+                        configs[name],
+                        "--log-level",
+                        "warning",
                     ],
-                    "status": {"listen": f"127.0.0.1:{status_port}"},
-                },
-                indent=2,
+                    env=env,
+                )
             )
-        )
-        step("starting the sidecar; it enrolls with the token (its keys never leave it)")
-        procs.append(
-            subprocess.Popen(
-                [BIN / "meshtls-sidecar", "run", "--config", config, "--log-level", "warning"],
-                env=env,
+        for port in (api_status, web_status):
+            wait_for(
+                "both sidecars to hold their identities",
+                lambda port=port: sidecar_status(port).get("ready") is True,  # type: ignore[misc]
+                procs=procs,
             )
-        )
-        wait_for(
-            "the sidecar to hold every identity",
-            lambda: sidecar_status(status_port).get("ready") is True,
-            procs=procs,
-        )
+        for name in ("web-1", "api-1"):
+            step(f"sidecar {name}")
+            subprocess.run(
+                [str(BIN / "meshtls-sidecar"), "status", "--config", str(configs[name])],
+                check=True,
+            )
 
-        step("identities held by the sidecar")
-        subprocess.run(
-            [str(BIN / "meshtls-sidecar"), "status", "--config", str(config)], check=True
+        step(f"starting the api service on 127.0.0.1:{api_app} (plaintext, behind api-1)")
+        procs.append(subprocess.Popen([*APPS, "api", str(api_app)], env=env))
+        wait_for("the api service", lambda: listening(api_app), procs=procs)
+        wait_for("the outbound listener", lambda: listening(web_outbound), procs=procs)
+
+        step(f"what the protected port 127.0.0.1:{api_inbound} refuses")
+        print(f"    plaintext HTTP client:                 {plaintext_client(api_inbound)}")
+        foreign = foreign_ca_client(api_inbound, WEB_ID)
+        print(f"    client with another CA's certificate:  {foreign}")
+        wait_for("the refusals to be counted", lambda: len(refusals(api_status)) >= 2)
+        counted = ", ".join(f"{k}={v:.0f}" for k, v in sorted(refusals(api_status).items()))
+        print(f"    api-1 counted refusals by reason:      {counted}")
+
+        url = f"http://127.0.0.1:{web_outbound}/"
+        step(f"starting the web service: GET {url} every {args.interval}s through web-1")
+        web = subprocess.Popen(
+            [*APPS, "web", url, str(args.interval)],
+            env=env,
+            stdout=subprocess.PIPE,
+            text=True,
         )
-        step(
-            f"files for {IDENTITIES[0][0]} in {sidecar_dir / 'files' / 'web'}: "
-            + ", ".join(sorted(p.name for p in (sidecar_dir / "files" / "web").iterdir()))
-        )
-        step("what the CA recorded")
-        print(ca("cert", "list", data_dir=ca_dir), end="")
-        if args.once:
-            return 0
-        step("running; Ctrl-C stops both processes")
+        procs.append(web)
+        traffic = Traffic(web)
+        if not args.once:
+            step("running; identities rotate every few seconds; Ctrl-C stops everything")
+        seen = {**serials(web_status), **serials(api_status)}
+        rotated: dict[str, int] = dict.fromkeys(seen, 0)
         signal.signal(signal.SIGTERM, signal.default_int_handler)
+        deadline = time.monotonic() + 120
         try:
             while all(proc.poll() is None for proc in procs):
-                time.sleep(0.5)
+                time.sleep(0.25)
+                now = {**serials(web_status), **serials(api_status)}
+                for spiffe_id, serial in now.items():
+                    if seen.get(spiffe_id) != serial:
+                        rotated[spiffe_id] = rotated.get(spiffe_id, 0) + 1
+                        print(
+                            f"    rotation: {spiffe_id} now serial {serial[:16]}... "
+                            f"(was {seen.get(spiffe_id, '-')[:16]}...)"
+                        )
+                seen = now
+                if args.once and min(rotated.values()) >= 1 and traffic.ok >= 5:
+                    break
+                if args.once and time.monotonic() > deadline:
+                    print("    timed out waiting for both identities to rotate")
+                    return 1
+            else:
+                print("    a process exited unexpectedly; see the log above")
+                return 1
         except KeyboardInterrupt:
-            step("stopping")
-            return 0
-        return 1
+            pass
+        step(
+            f"summary: {traffic.ok + traffic.failed} requests, {traffic.failed} failed, "
+            f"{sum(rotated.values())} identity rotations under traffic"
+        )
+        return 0 if traffic.failed == 0 else 1
     finally:
+        step("stopping")
         for proc in reversed(procs):
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
         for proc in reversed(procs):
             try:
-                proc.wait(timeout=10)
+                proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
 

@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Install the Debian packages the test suite drives as outside parts, when missing:
-# PostgreSQL (database tests) and openssl (outside verifier).
+# PostgreSQL (database tests), openssl and curl (outside peers), sslscan (TLS scan of the
+# proxy) and stunnel4 (the data-plane bench's comparison).
 set -euo pipefail
 missing=()
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+command -v curl >/dev/null 2>&1 || missing+=(curl)
+command -v sslscan >/dev/null 2>&1 || missing+=(sslscan)
+command -v stunnel4 >/dev/null 2>&1 || missing+=(stunnel4)
 if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then
   missing+=(postgresql)
 fi

@@ -23,7 +23,13 @@ from sidecar.identity.manager import IdentityManager
 from sidecar.identity.state import StateStore
 from sidecar.identity.watch import watch_trust
 from sidecar.metrics import SidecarMetrics
+from sidecar.proxy.config import ProxyConfig
+from sidecar.proxy.metrics import ProxyMetrics
+from sidecar.proxy.reload import reload_proxy
+from sidecar.proxy.service import ProxyService
+from sidecar.sds.server import sds_server
 from sidecar.status import routes
+from sidecar.workload_api.server import LocalApiServer, workload_api_server
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +64,25 @@ class SidecarApp:
             routes(self.manager, self.clock, self.metrics), host=listen.host, port=listen.port
         )
         self._tasks: list[asyncio.Task[None]] = []
+        # Local socket APIs for workloads and Envoy; None unless configured.
+        self.workload_api: LocalApiServer | None = None
+        if config.workload_api is not None:
+            self.workload_api = workload_api_server(config.workload_api, self.manager, self.clock)
+        self.sds: LocalApiServer | None = None
+        if config.sds is not None:
+            self.sds = sds_server(config.sds, self.manager, self.clock)
+        # The mutual-TLS proxy (sidecar/proxy/): idle without inbound/outbound listeners.
+        self.proxy = ProxyService(
+            ProxyConfig(config.inbound, config.outbound),
+            metrics=ProxyMetrics(self.metrics.registry),
+        )
+        self._reloads: set[asyncio.Task[bool]] = set()
 
     async def start(self) -> None:
         await self.manager.start()
         await self.status.start()
+        await self._start_local_apis()
+        await self._start_proxy()
         self._tasks = [
             asyncio.create_task(self.manager.run(), name="identity-manager"),
             asyncio.create_task(
@@ -79,7 +100,41 @@ class SidecarApp:
             },
         )
 
+    def _local_apis(self) -> list[LocalApiServer]:
+        return [api for api in (self.workload_api, self.sds) if api is not None]
+
+    async def _start_local_apis(self) -> None:
+        started: list[LocalApiServer] = []
+        try:
+            for api in self._local_apis():
+                await api.start()
+                started.append(api)
+        except BaseException:
+            for api in reversed(started):
+                await api.stop()
+            await self.status.stop()
+            raise
+
+    async def _start_proxy(self) -> None:
+        try:
+            await self.proxy.start(self.manager)
+        except BaseException:
+            for api in reversed(self._local_apis()):
+                await api.stop()
+            await self.status.stop()
+            raise
+
+    def request_reload(self) -> None:
+        """SIGHUP: retry the CA at once and re-read the proxy listeners from the file."""
+        self.manager.wake()
+        task = asyncio.create_task(reload_proxy(self.config, self.proxy), name="reload")
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
+
     async def stop(self) -> None:
+        await self.proxy.drain()  # stop accepting, let open connections finish
+        for api in reversed(self._local_apis()):
+            await api.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -1,8 +1,9 @@
-"""Command line: `meshtls-sidecar run --config FILE` and `meshtls-sidecar status`.
+"""Command line: `meshtls-sidecar run --config FILE`, `meshtls-sidecar status` and
+`meshtls-sidecar fetch` (one identity's files, once: sidecar/fetch.py).
 
 `main()` is the single exit point. Exit codes: 0 success (for `status`: ready); 1 the
-sidecar is not ready (`status`) or a background task failed (`run`); 2 a startup or usage
-error, printed as one line on stderr.
+sidecar is not ready (`status`), a background task failed (`run`) or the identity could not
+be obtained (`fetch`); 2 a startup or usage error, printed as one line on stderr.
 """
 
 from __future__ import annotations
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import Any
 
 from meshtls.logs import configure as configure_logging
+from sidecar import fetch
 from sidecar.app import SidecarApp
 from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import SidecarError
 from sidecar.fields import Address, parse_address
+from sidecar.proxy.loop import run as run_event_loop
 
 PROG = "meshtls-sidecar"
 EXIT_OK, EXIT_NOT_READY, EXIT_USAGE = 0, 1, 2
@@ -46,6 +49,7 @@ def _parser() -> argparse.ArgumentParser:
     where.add_argument("--address", help="HOST:PORT of the status server")
     status.add_argument("--json", action="store_true", help="print the raw JSON document")
     status.add_argument("--timeout", type=float, default=5.0, help="seconds (default 5)")
+    fetch.add_parser(sub)
     return parser
 
 
@@ -53,7 +57,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Console script entry point; the only place the process exits."""
     args = _parser().parse_args(argv)
     try:
-        code = _run(args) if args.command == "run" else _status(args)
+        commands = {"run": _run, "status": _status, "fetch": fetch.command}
+        code = commands[args.command](args)
     except (UsageError, SidecarError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         code = EXIT_USAGE
@@ -65,22 +70,28 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     configure_logging(args.log_format, args.log_level)
-    return asyncio.run(_serve(config))
+    return run_event_loop(_serve(config))
 
 
 async def _serve(config: SidecarConfig) -> int:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     app = SidecarApp(config)
-    loop.add_signal_handler(signal.SIGHUP, app.manager.wake)
+
+    def on_stop() -> None:
+        if stop.is_set():
+            app.proxy.abort()  # a second signal: stop waiting for open connections
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, app.request_reload)
     try:
         await app.run_until(stop)
     except OSError as exc:
         raise UsageError(
             f"cannot start: {exc.strerror or exc} (is status.listen "
-            f"{config.status.listen} already in use?)"
+            f"{config.status.listen} or a proxy listener's address already in use?)"
         ) from None
     except RuntimeError as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)

@@ -37,6 +37,8 @@ from sidecar.fields import (
     path_field,
     reject_unknown,
 )
+from sidecar.proxy.config import InboundConfig, OutboundConfig, parse_proxy
+from sidecar.workload_api.settings import SocketApiConfig, check_distinct, parse_socket_api
 
 TOKEN_ENV = "MESHTLS_JOIN_TOKEN"  # noqa: S105 - a variable name, not a secret
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
@@ -87,6 +89,9 @@ class RenewalConfig:
     retry_max_seconds: float = 300.0
     # How often registration entries and the trust bundle are re-read from the CA.
     refresh_seconds: float = 300.0
+    # While the Watch stream is down, how often the bundle and the revocation list are
+    # polled instead (GetTrustBundle + GetCrl).
+    trust_poll_seconds: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -99,6 +104,10 @@ class SidecarConfig:
     status: StatusConfig
     renewal: RenewalConfig
     source: Path | None = None
+    workload_api: SocketApiConfig | None = None  # SPIFFE Workload API socket
+    sds: SocketApiConfig | None = None  # Envoy SDS socket
+    inbound: tuple[InboundConfig, ...] = ()  # mTLS proxy listeners (sidecar/proxy/)
+    outbound: tuple[OutboundConfig, ...] = ()
 
     @property
     def node_id(self) -> SpiffeId:
@@ -126,9 +135,9 @@ def parse_config(data: object, *, base_dir: Path, env: Mapping[str, str]) -> Sid
     p = Problems()
     if not isinstance(data, dict):
         raise ConfigError("the config must be a YAML mapping with trust_domain, node, ca, ...")
-    reject_unknown(
-        p, "", data, {"trust_domain", "node", "state_dir", "ca", "files", "status", "renewal"}
-    )
+    known = {"trust_domain", "node", "state_dir", "ca", "files", "status", "renewal"}
+    known |= {"inbound", "outbound"}
+    reject_unknown(p, "", data, known | {"workload_api", "sds"})
     trust_domain = _trust_domain(p, data)
     node = _node(p, data)
     state_dir = path_field(p, "state_dir", data.get("state_dir"), base_dir, required=True)
@@ -136,6 +145,10 @@ def parse_config(data: object, *, base_dir: Path, env: Mapping[str, str]) -> Sid
     files = _files(p, data.get("files", []), base_dir, trust_domain)
     status = _status(p, data.get("status", {}))
     renewal = _renewal(p, data.get("renewal", {}))
+    workload_api = parse_socket_api(p, "workload_api", data.get("workload_api"), base_dir)
+    sds = parse_socket_api(p, "sds", data.get("sds"), base_dir)
+    check_distinct(p, {"workload_api": workload_api, "sds": sds})
+    proxy = parse_proxy(p, data, base_dir=base_dir, trust_domain=trust_domain)
     if p.items or ca is None or status is None or renewal is None or state_dir is None:
         raise ConfigError("invalid configuration: " + "; ".join(p.items))
     return SidecarConfig(
@@ -146,6 +159,10 @@ def parse_config(data: object, *, base_dir: Path, env: Mapping[str, str]) -> Sid
         files=files,
         status=status,
         renewal=renewal,
+        workload_api=workload_api,
+        sds=sds,
+        inbound=proxy.inbound,
+        outbound=proxy.outbound,
     )
 
 
@@ -356,7 +373,14 @@ def _renewal(p: Problems, data: object) -> RenewalConfig | None:
         p,
         "renewal.",
         data,
-        {"fraction", "jitter", "retry_initial_seconds", "retry_max_seconds", "refresh_seconds"},
+        {
+            "fraction",
+            "jitter",
+            "retry_initial_seconds",
+            "retry_max_seconds",
+            "refresh_seconds",
+            "trust_poll_seconds",
+        },
     )
     fraction = number_field(
         p, "renewal.fraction", data.get("fraction", defaults.fraction), low=0.05, high=0.95
@@ -387,4 +411,10 @@ def _renewal(p: Problems, data: object) -> RenewalConfig | None:
     refresh = number_field(
         p, "renewal.refresh_seconds", data.get("refresh_seconds", defaults.refresh_seconds), low=1
     )
-    return RenewalConfig(fraction, jitter, initial, maximum, refresh)
+    trust_poll = number_field(
+        p,
+        "renewal.trust_poll_seconds",
+        data.get("trust_poll_seconds", defaults.trust_poll_seconds),
+        low=0.1,
+    )
+    return RenewalConfig(fraction, jitter, initial, maximum, refresh, trust_poll)
