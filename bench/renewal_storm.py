@@ -1,8 +1,9 @@
 """Renewal storm: after `meshtls-ca authority rotate --force`, every identity held by
 simulated sidecars is re-issued at once. Reports the time until all hold a certificate from
 the new intermediate, the peak issuance rate, p99 latency and failed requests (a
-RESOURCE_EXHAUSTED answer is retried after its retry-after hint, as the sidecar does; a
-request that still fails after that counts as failed).
+RESOURCE_EXHAUSTED answer, or an UNAVAILABLE one with a retry-after hint from a replica
+whose signing fence is closed, is retried after the hint, as the sidecar does; a request
+that still fails after that counts as failed).
 
     .venv/bin/python bench/renewal_storm.py [--identities 100000] [--nodes 200]
         [--databases sqlite postgres] [--ca-workers 2]
@@ -111,9 +112,11 @@ async def renew_all(
                 try:
                     answer = await stub.SignIdentities(request, timeout=60)
                 except grpc.aio.AioRpcError as exc:
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        hint = dict(exc.trailing_metadata() or ()).get("retry-after", "1")
-                        await asyncio.sleep(float(hint))
+                    hint = dict(exc.trailing_metadata() or ()).get("retry-after")
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED or (
+                        exc.code() == grpc.StatusCode.UNAVAILABLE and hint is not None
+                    ):
+                        await asyncio.sleep(float(hint or "1"))
                         continue
                     failed += 1
                     break
