@@ -2,8 +2,8 @@
 terminates mutual TLS for a sample app, accepts a client holding a meshtls identity,
 refuses clients without one, and follows a rotation without a restart.
 
-The mixed-mesh case (a meshtls inbound proxy listener accepting Envoy's SDS identity) is
-not here yet: it needs the built-in proxy (sidecar/proxy), see docs/WORKLOAD_API.md.
+The mixed-mesh cases (Envoy and the built-in proxy calling each other) are in
+test_mixed_mesh.py.
 """
 
 from __future__ import annotations
