@@ -28,6 +28,7 @@ from ca_server.api.server import (
     build_main_server,
     mark_serving,
 )
+from ca_server.attestation.k8s import KubernetesAttestor
 from ca_server.authority.kek import Kek, generate_kek_file, load_kek_env, load_kek_file
 from ca_server.authority.keyring import Keyring
 from ca_server.authority.material import bootstrap_authorities
@@ -129,6 +130,7 @@ class CAServer:
         self.trust_listener: TrustChangeListener | None = None  # PostgreSQL only
         self._scheduler: AsyncIOScheduler | None = None
         self._tasks: list[asyncio.Task[None]] = []
+        self.kubernetes: KubernetesAttestor | None = None  # with a `kubernetes` config
 
     def _prepare_store(self) -> Store:
         url = self.config.effective_database_url
@@ -188,6 +190,8 @@ class CAServer:
         config = self.config
         config.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         kek = resolve_kek(config)
+        if config.kubernetes is not None:  # fails fast on an unreadable CA file or token
+            self.kubernetes = KubernetesAttestor.from_config(config.kubernetes)
         store = self._prepare_store()
         self._store = store
         authorities = self._load_authorities(store, kek)
@@ -292,7 +296,7 @@ class CAServer:
             database=redact_url(config.effective_database_url),
         )
         main, main_health = build_main_server(
-            AgentServicer(ctx),
+            AgentServicer(ctx, kubernetes=self.kubernetes),
             AdminServicer(ctx, spiffe_id_admin(ctx), info, self.authorities),
             max_message_bytes=config.max_message_bytes,
             reuse_port=self._share_ports,
@@ -364,6 +368,9 @@ class CAServer:
             await self.server_identity.stop()
             self.server_identity = None
         self._servers, self._health = [], []
+        if self.kubernetes is not None:
+            await self.kubernetes.close()
+            self.kubernetes = None
         if self._writer is not None:
             self._writer.stop()
             self._writer = None

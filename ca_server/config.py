@@ -1,11 +1,16 @@
 """CA configuration: one frozen dataclass, read from a YAML file, `MESHTLS_CA_*` environment
 variables and command-line flags (flags win over env, env over the file), and validated
-before anything listens."""
+before anything listens.
+
+Nested sections take their keys from the environment one by one:
+`MESHTLS_CA_UPSTREAM_<KEY>` and `MESHTLS_CA_KUBERNETES_<KEY>` (e.g.
+`MESHTLS_CA_KUBERNETES_AUDIENCE`; lists comma-separated)."""
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -53,6 +58,23 @@ class UpstreamConfig:
     chain_file: Path
 
 
+# In-cluster defaults of a pod (Kubernetes mounts its service account's files here).
+SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
+DEFAULT_K8S_AUDIENCE = "meshtls-ca"
+_K8S_NAME = re.compile(r"[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class KubernetesConfig:
+    """Node enrollment with projected service-account tokens (ca_server.attestation.k8s)."""
+
+    api_server: str  # https://host:port of the Kubernetes API
+    ca_file: Path  # PEM roots that verify the API server
+    token_file: Path  # the CA's own service-account token (re-read on every call)
+    audience: str  # the audience the agents' tokens must carry
+    allowed_service_accounts: tuple[str, ...]  # "namespace/name"
+
+
 @dataclass(frozen=True)
 class CAConfig:
     trust_domain: str = "example.org"
@@ -91,6 +113,7 @@ class CAConfig:
     join_token_ttl: float = 600
     max_join_token_ttl: float = 7 * 86400
     upstream: UpstreamConfig | None = None
+    kubernetes: KubernetesConfig | None = None  # None: Kubernetes enrollment is off
     max_message_bytes: int = 1024 * 1024
     max_csrs_per_batch: int = 256
     rate_limit_per_node: float = 50.0  # sustained requests per second per node
@@ -141,8 +164,10 @@ _FLOATS = {"rate_limit_per_node", "signing_rate_limit"}
 _ADDRESSES = {"listen", "enroll_listen", "http_listen"}
 _STRINGS = {"trust_domain", "database_url"}
 _UPSTREAM_KEYS = ("cert_file", "key_file", "chain_file")
+_KUBERNETES_KEYS = ("api_server", "ca_file", "token_file", "audience", "allowed_service_accounts")
+_NESTED = {"upstream": _UPSTREAM_KEYS, "kubernetes": _KUBERNETES_KEYS}
 KNOWN_KEYS = (
-    _DURATIONS | _PATHS | _BOOLS | _LISTS | _INTS | _FLOATS | _ADDRESSES | _STRINGS | {"upstream"}
+    _DURATIONS | _PATHS | _BOOLS | _LISTS | _INTS | _FLOATS | _ADDRESSES | _STRINGS | set(_NESTED)
 )
 
 
@@ -208,22 +233,95 @@ def read_file(path: Path) -> dict[str, Any]:
     return raw
 
 
+def _nested_env_key(key: str) -> tuple[str, str] | None:
+    """("kubernetes", "audience") for "kubernetes_audience"; None if not a nested key."""
+    for section, keys in _NESTED.items():
+        sub = key.removeprefix(section + "_")
+        if sub != key and sub in keys:
+            return section, sub
+    return None
+
+
 def read_env(environ: Mapping[str, str]) -> dict[str, Any]:
     values: dict[str, Any] = {}
-    upstream: dict[str, str] = {}
     for name, value in environ.items():
         if not name.startswith(ENV_PREFIX) or name == KEK_ENV:
             continue
         key = name[len(ENV_PREFIX) :].lower()
-        if key.startswith("upstream_") and key[len("upstream_") :] in _UPSTREAM_KEYS:
-            upstream[key[len("upstream_") :]] = value
+        nested = _nested_env_key(key)
+        if nested is not None:
+            values.setdefault(nested[0], {})[nested[1]] = value
         elif key in KNOWN_KEYS:
             values[key] = value
         else:
             raise ConfigError(f"unknown environment variable {name}")
-    if upstream:
-        values["upstream"] = upstream
     return values
+
+
+def _merge(merged: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Later layers win; the `kubernetes` section merges key by key (the environment can
+    set one key of a section the file holds)."""
+    for key, value in layer.items():
+        current = merged.get(key)
+        if key == "kubernetes" and isinstance(current, Mapping) and isinstance(value, Mapping):
+            merged[key] = {**current, **value}
+        else:
+            merged[key] = value
+
+
+def _kubernetes(value: Any, environ: Mapping[str, str]) -> KubernetesConfig | None:
+    """The `kubernetes` section; the API server defaults to the in-cluster address."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError(
+            "kubernetes: expected a mapping with api_server, ca_file, token_file, audience, "
+            "allowed_service_accounts"
+        )
+    unknown = sorted(set(value) - set(_KUBERNETES_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"kubernetes: unknown keys {unknown} (known: {', '.join(_KUBERNETES_KEYS)})"
+        )
+    api_server = str(value.get("api_server") or "").strip().rstrip("/")
+    if not api_server:
+        host = environ.get("KUBERNETES_SERVICE_HOST", "").strip()
+        port = environ.get("KUBERNETES_SERVICE_PORT", "").strip() or "443"
+        if not host:
+            raise ConfigError(
+                "kubernetes.api_server: not set, and KUBERNETES_SERVICE_HOST is not in the "
+                "environment (the CA is not running in a pod); set it, e.g. "
+                "https://kubernetes.default.svc"
+            )
+        api_server = f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+    if not re.fullmatch(r"https://[^/?#@\s]+", api_server):
+        raise ConfigError(
+            f"kubernetes.api_server: expected https://HOST[:PORT], got {api_server!r} (the "
+            "CA sends its service-account token to it, so only TLS is accepted)"
+        )
+    audience = str(value.get("audience") or DEFAULT_K8S_AUDIENCE).strip()
+    accounts = value.get("allowed_service_accounts")
+    if isinstance(accounts, str):
+        accounts = [a.strip() for a in accounts.split(",") if a.strip()]
+    if not isinstance(accounts, list | tuple) or not accounts:
+        raise ConfigError(
+            "kubernetes.allowed_service_accounts: list the service accounts whose pods may "
+            'enroll nodes, as namespace/name, e.g. ["meshtls/meshtls-agent"]'
+        )
+    for account in accounts:
+        namespace, sep, name = str(account).partition("/")
+        if not sep or not _K8S_NAME.fullmatch(namespace) or not _K8S_NAME.fullmatch(name):
+            raise ConfigError(
+                f"kubernetes.allowed_service_accounts: {account!r} is not namespace/name "
+                "(lower-case Kubernetes names, e.g. meshtls/meshtls-agent)"
+            )
+    return KubernetesConfig(
+        api_server=api_server,
+        ca_file=Path(str(value.get("ca_file") or SERVICE_ACCOUNT_DIR / "ca.crt")).expanduser(),
+        token_file=Path(str(value.get("token_file") or SERVICE_ACCOUNT_DIR / "token")).expanduser(),
+        audience=audience,
+        allowed_service_accounts=tuple(dict.fromkeys(str(a) for a in accounts)),
+    )
 
 
 def load(
@@ -233,15 +331,19 @@ def load(
     overrides: Mapping[str, Any] | None = None,
 ) -> CAConfig:
     """Merge file < environment < overrides (flags), convert, then validate."""
+    env = os.environ if environ is None else environ
     merged: dict[str, Any] = {}
     if file is not None:
-        merged.update(read_file(file))
-    merged.update(read_env(os.environ if environ is None else environ))
-    merged.update({k: v for k, v in (overrides or {}).items() if v is not None})
+        _merge(merged, read_file(file))
+    _merge(merged, read_env(env))
+    _merge(merged, {k: v for k, v in (overrides or {}).items() if v is not None})
     unknown = sorted(set(merged) - KNOWN_KEYS)
     if unknown:
         raise ConfigError(f"unknown configuration keys: {', '.join(unknown)}")
-    config = replace(CAConfig(), **{k: _convert(k, v) for k, v in merged.items()})
+    converted = {k: _convert(k, v) for k, v in merged.items() if k != "kubernetes"}
+    if "kubernetes" in merged:
+        converted["kubernetes"] = _kubernetes(merged["kubernetes"], env)
+    config = replace(CAConfig(), **converted)
     validate(config)
     return config
 

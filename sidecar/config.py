@@ -6,6 +6,10 @@ to a default. Relative paths are resolved against the directory of the config fi
 
 `ca.enroll_address` defaults to the host of `ca.address` with its port plus one (the CA's
 default agent port is 8443 and its enrollment port 8444).
+
+On Kubernetes the sidecar enrolls with its pod's projected service-account token
+(`ca.kubernetes_token_file`, instead of a join token); `node` may then be left out and
+comes from MESHTLS_NODE_NAME (a fieldRef to the pod's spec.nodeName).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from sidecar.proxy.config import InboundConfig, OutboundConfig, parse_proxy
 from sidecar.workload_api.settings import SocketApiConfig, check_distinct, parse_socket_api
 
 TOKEN_ENV = "MESHTLS_JOIN_TOKEN"  # noqa: S105 - a variable name, not a secret
+NODE_ENV = "MESHTLS_NODE_NAME"
 _FINGERPRINT_RE = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -57,12 +62,26 @@ class CAConfig:
     join_token_env: str | None = field(repr=False)
     server_name: str | None
     timeout_seconds: float
+    # The pod's projected service-account token (Kubernetes); re-read at every enrollment.
+    kubernetes_token_file: Path | None = None
 
     def token_hint(self) -> str:
         """Where an operator puts a join token, for messages."""
+        if self.kubernetes_token_file is not None:
+            return f"{self.kubernetes_token_file} (the pod's projected service-account token)"
         if self.join_token_file is not None:
             return str(self.join_token_file)
         return f"the {TOKEN_ENV} environment variable (then restart the sidecar)"
+
+    def enroll_action(self, *, new: bool = False) -> str:
+        """What an operator does so that this node can enroll, for messages."""
+        if self.kubernetes_token_file is not None:
+            return (
+                f"the sidecar retries with the pod's service-account token in "
+                f"{self.kubernetes_token_file}; check the CA's `kubernetes` settings and that "
+                "this pod's service account is allowed"
+            )
+        return f"provide a {'new ' if new else ''}join token in {self.token_hint()}"
 
 
 @dataclass(frozen=True)
@@ -139,7 +158,7 @@ def parse_config(data: object, *, base_dir: Path, env: Mapping[str, str]) -> Sid
     known |= {"inbound", "outbound"}
     reject_unknown(p, "", data, known | {"workload_api", "sds"})
     trust_domain = _trust_domain(p, data)
-    node = _node(p, data)
+    node = _node(p, data, env)
     state_dir = path_field(p, "state_dir", data.get("state_dir"), base_dir, required=True)
     ca = _ca(p, data.get("ca"), base_dir, env)
     files = _files(p, data.get("files", []), base_dir, trust_domain)
@@ -178,15 +197,26 @@ def _trust_domain(p: Problems, data: dict[Any, Any]) -> str:
         return ""
 
 
-def _node(p: Problems, data: dict[Any, Any]) -> str:
+def _node(p: Problems, data: dict[Any, Any], env: Mapping[str, str]) -> str:
     value = data.get("node")
+    ca = data.get("ca")
+    kubernetes = isinstance(ca, dict) and ca.get("kubernetes_token_file") is not None
+    from_env = env.get(NODE_ENV, "").strip() if kubernetes else ""
+    key = "node"
+    if value is None and from_env:
+        key, value = NODE_ENV, from_env
     if not isinstance(value, str):
-        p.add("node", "required, the node name the join token was issued for")
+        if kubernetes:
+            p.add("node", f"required: set {NODE_ENV} (from the pod's spec.nodeName) or node")
+        else:
+            p.add("node", "required, the node name the join token was issued for")
         return ""
+    if from_env and value != from_env:
+        p.add("node", f"is {value!r} but {NODE_ENV} says {from_env!r}; set only one of them")
     try:
         return validate_node_name(value)
     except InvalidSpiffeId as exc:
-        p.add("node", str(exc))
+        p.add(key, str(exc))
         return ""
 
 
@@ -200,6 +230,7 @@ def _ca(p: Problems, data: object, base_dir: Path, env: Mapping[str, str]) -> CA
         "trust_bundle",
         "root_fingerprint",
         "join_token_file",
+        "kubernetes_token_file",
         "server_name",
         "timeout_seconds",
     }
@@ -239,6 +270,15 @@ def _ca(p: Problems, data: object, base_dir: Path, env: Mapping[str, str]) -> CA
         server_name = None
     timeout = number_field(p, "ca.timeout_seconds", data.get("timeout_seconds", 10.0), low=0.1)
     env_token = env.get(TOKEN_ENV, "").strip() or None
+    k8s_token_file = path_field(
+        p, "ca.kubernetes_token_file", data.get("kubernetes_token_file"), base_dir, required=False
+    )
+    if k8s_token_file is not None and (token_file is not None or env_token is not None):
+        p.add(
+            "ca.kubernetes_token_file",
+            f"enrolls instead of a join token: set it or ca.join_token_file / {TOKEN_ENV}, "
+            "not both",
+        )
     if address is None or enroll is None:
         return None
     return CAConfig(
@@ -251,6 +291,7 @@ def _ca(p: Problems, data: object, base_dir: Path, env: Mapping[str, str]) -> CA
         join_token_env=env_token,
         server_name=server_name,
         timeout_seconds=timeout,
+        kubernetes_token_file=k8s_token_file,
     )
 
 

@@ -9,6 +9,7 @@ import grpc
 
 from ca_server.api import convert
 from ca_server.api.errors import rpc
+from ca_server.attestation import NodeAttestor
 from ca_server.errors import CAError
 from ca_server.metrics import CAMetrics
 from ca_server.services import identities, nodes
@@ -30,8 +31,9 @@ def _metrics(servicer: AgentServicer) -> CAMetrics:
 
 
 class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
-    def __init__(self, ctx: CAContext) -> None:
+    def __init__(self, ctx: CAContext, *, kubernetes: NodeAttestor | None = None) -> None:
         self.ctx = ctx
+        self.kubernetes = kubernetes  # None: Kubernetes enrollment is off
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> AuthenticatedNode:
         return await nodes.authenticate(self.ctx, peer_certificate(context))
@@ -43,7 +45,17 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def Enroll(
         self, request: agent_pb2.EnrollRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.EnrollResponse:
-        enrolled = await nodes.enroll(self.ctx, request.join_token, request.csr, context.peer())
+        if request.WhichOneof("credential") == "kubernetes":
+            enrolled = await nodes.enroll_kubernetes(
+                self.ctx,
+                self.kubernetes,
+                request.kubernetes.service_account_token,
+                request.kubernetes.node_name,
+                request.csr,
+                context.peer(),
+            )
+        else:
+            enrolled = await nodes.enroll(self.ctx, request.join_token, request.csr, context.peer())
         return agent_pb2.EnrollResponse(
             node_name=enrolled.node_name,
             spiffe_id=str(enrolled.spiffe_id),

@@ -1,5 +1,7 @@
 """Registration entries: which SPIFFE IDs (with which DNS names and TTL) a node may obtain
-for its workloads. At most one entry per (SPIFFE ID, node)."""
+for its workloads. At most one entry per (SPIFFE ID, node). An entry whose node is
+`ALL_NODES` ("*") is served to every node (e.g. a workload a DaemonSet or the scheduler
+may place anywhere); a node gets its own entries plus those."""
 
 from __future__ import annotations
 
@@ -13,6 +15,10 @@ from ca_server.domain import Entry
 from ca_server.errors import AlreadyExists, NotFound
 
 _E = ENTRIES.c
+
+# The node name of entries for every node. Never a real node's name: node names start with
+# a letter or digit.
+ALL_NODES = "*"
 
 
 def _entry(row: Any) -> Entry:
@@ -88,7 +94,8 @@ class EntryOps(TxBase):
         return [_entry(row) for row in self._exec(statement)]
 
     def entries_for_node(self, node_name: str) -> list[Entry]:
-        """Every entry of the node, ordered by SPIFFE ID."""
+        """Every entry registered under exactly this node name (`ALL_NODES` for the entries
+        of every node), ordered by SPIFFE ID."""
         statement = select(ENTRIES).where(_E.node_name == node_name).order_by(_E.spiffe_id, _E.id)
         return [_entry(row) for row in self._exec(statement)]
 

@@ -7,6 +7,7 @@ import re
 import uuid
 from collections.abc import Sequence
 
+from ca_server.db.entries import ALL_NODES
 from ca_server.db.notify import notify_trust_changed
 from ca_server.db.tx import Tx
 from ca_server.domain import AuditEvent, CertificateRecord, Entry, Node
@@ -58,7 +59,8 @@ async def create_entry(
 ) -> Entry:
     try:
         parsed = SpiffeId.parse(spiffe_id)
-        validate_node_name(node_name)
+        if node_name != ALL_NODES:
+            validate_node_name(node_name)
     except InvalidSpiffeId as exc:
         raise InvalidRequest(str(exc)) from None
     if parsed.trust_domain != ctx.config.trust_domain:

@@ -7,6 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ca_server.db.entries import ALL_NODES
 from ca_server.domain import Entry
 from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.audit import event
@@ -24,11 +25,21 @@ class SignedIdentity:
 
 
 async def list_for_node(ctx: CAContext, caller: AuthenticatedNode) -> list[Entry]:
-    cached: list[Entry] | None = ctx.entries_cache.get(caller.name)
-    if cached is None:
-        cached = await ctx.read(lambda tx: tx.entries_for_node(caller.name))
-        ctx.entries_cache.put(caller.name, cached)
-    return cached
+    """The node's own entries and the entries for every node (`*`), by SPIFFE ID. Each set
+    is cached under its own node name, so an entry change clears the one it belongs to."""
+    cached_own: list[Entry] | None = ctx.entries_cache.get(caller.name)
+    cached_shared: list[Entry] | None = ctx.entries_cache.get(ALL_NODES)
+    if cached_own is None or cached_shared is None:
+        own, shared = await ctx.read(
+            lambda tx: (tx.entries_for_node(caller.name), tx.entries_for_node(ALL_NODES))
+        )
+        ctx.entries_cache.put(caller.name, own)
+        ctx.entries_cache.put(ALL_NODES, shared)
+    else:
+        own, shared = cached_own, cached_shared
+    if not shared:
+        return own
+    return sorted([*own, *shared], key=lambda e: (e.spiffe_id, e.id))
 
 
 async def sign_batch(

@@ -1,18 +1,27 @@
 """Nodes: join tokens, enrollment, node-certificate renewal, and authenticating a node from
-the certificate it presented over mutual TLS."""
+the certificate it presented over mutual TLS.
+
+Enrollment proves which node the caller is, by a join token (checked here, against the
+database) or by an attestor (`ca_server.attestation`, e.g. a Kubernetes service-account
+token), then issues the node certificate. A new enrollment of a node supersedes its
+previous certificate at once (a DaemonSet pod replaced on upgrade enrolls again); each is
+audited as `node.enroll` with the method used.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import secrets
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cryptography import x509
 
+from ca_server.attestation import Attestation, NodeAttestor
 from ca_server.db.tx import Tx
-from ca_server.domain import CertificateRecord, JoinToken, Node
-from ca_server.errors import InvalidRequest, PermissionDenied, Unauthenticated
-from ca_server.services.audit import event
+from ca_server.domain import AuditEvent, CertificateRecord, JoinToken, Node
+from ca_server.errors import FailedPrecondition, InvalidRequest, PermissionDenied, Unauthenticated
+from ca_server.services.audit import event, log_committed
 from ca_server.services.context import CAContext
 from ca_server.services.issuing import Issued, issue, parse_csr
 from meshtls.clock import utc
@@ -21,6 +30,9 @@ from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
 
 TOKEN_BYTES = 32  # 256 bits of randomness
 TOKEN_PREFIX = "mjt_"  # noqa: S105 - a public prefix, not a secret
+# Projected service-account tokens are JWTs of about 1 KiB; anything far longer is refused
+# before the API server is asked.
+MAX_SERVICE_ACCOUNT_TOKEN_BYTES = 16 * 1024
 
 
 def hash_token(token: str) -> str:
@@ -85,7 +97,7 @@ def check_token_usable(token: JoinToken | None, now: float) -> JoinToken:
 
 
 async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrolled:
-    """Consume the token and issue the node certificate, atomically.
+    """Consume the join token and issue the node certificate, atomically.
 
     The token is consumed in the same transaction that records the certificate; if two
     enrollments race on one token, the conditional update lets exactly one commit.
@@ -98,15 +110,68 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
     token_hash = hash_token(token)
     ctx.limiter.check(f"enroll:{peer.rsplit(':', 1)[0]}")
     now = ctx.clock.now()
-
-    def lookup(tx: Tx) -> tuple[JoinToken | None, Node | None]:
-        # A cheap read first, so an unusable token costs no signature; the write below
-        # consumes it atomically.
-        pending = tx.get_join_token(token_hash)
-        return pending, tx.get_node(pending.node_name) if pending else None
-
-    pending, existing = await ctx.read(lookup)
+    # A cheap read first, so an unusable token costs no signature; the commit consumes it
+    # atomically.
+    pending = await ctx.read(lambda tx: tx.get_join_token(token_hash))
     node_name = check_token_usable(pending, now).node_name
+    actor = f"token:{token_label(token_hash)}"
+    return await enroll_attested(
+        ctx,
+        Attestation(node_name, "join_token", actor),
+        csr,
+        peer,
+        consume=lambda tx: tx.consume_join_token(token_hash, now),
+        events=[event(now, actor, "token.use", node_name, peer=peer)],
+    )
+
+
+async def enroll_kubernetes(
+    ctx: CAContext,
+    attestor: NodeAttestor | None,
+    token: str,
+    node_name: str,
+    csr_der: bytes,
+    peer: str,
+) -> Enrolled:
+    """Enroll with a Kubernetes projected service-account token (ca_server.attestation.k8s).
+    Everything cheap is checked before the API server is asked."""
+    if attestor is None:
+        raise FailedPrecondition(
+            "Kubernetes enrollment is not enabled on this CA: add a `kubernetes` section to "
+            "its configuration, or enroll with a join token"
+        )
+    if not token:
+        raise Unauthenticated("a service-account token is required to enroll on Kubernetes")
+    if len(token) > MAX_SERVICE_ACCOUNT_TOKEN_BYTES:
+        raise Unauthenticated("the service-account token is too long to be one")
+    if not node_name:
+        raise InvalidRequest("node_name is required: the node this sidecar runs on")
+    try:
+        validate_node_name(node_name)
+    except InvalidSpiffeId as exc:
+        raise InvalidRequest(f"node_name: {exc}") from None
+    csr = parse_csr(csr_der)
+    ctx.limiter.check(f"enroll:{peer.rsplit(':', 1)[0]}")
+    attestation = await attestor.attest(token, node_name)
+    return await enroll_attested(ctx, attestation, csr, peer)
+
+
+async def enroll_attested(
+    ctx: CAContext,
+    attestation: Attestation,
+    csr: x509.CertificateSigningRequest,
+    peer: str,
+    *,
+    consume: Callable[[Tx], object] | None = None,
+    events: Sequence[AuditEvent] = (),
+) -> Enrolled:
+    """Issue the node certificate for a node whose identity was proven. It replaces the
+    node's current (and any pending renewed) certificate in the same transaction; a banned
+    node stays banned. `consume` runs first in that transaction (a join token's use);
+    `events` are audited with it."""
+    node_name = attestation.node_name
+    now = ctx.clock.now()
+    existing = await ctx.read(lambda tx: tx.get_node(node_name))
     if existing is not None and existing.status == "banned":
         raise PermissionDenied(f"node {node_name} is banned")
     spiffe_id = SpiffeId.for_node(ctx.config.trust_domain, node_name)
@@ -121,9 +186,12 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
         node_name=node_name,
     )
     record = issued.record
+    superseded: list[str] = []
+    enrolled: list[AuditEvent] = []
 
     def commit(tx: Tx) -> None:
-        tx.consume_join_token(token_hash, now)
+        if consume is not None:
+            consume(tx)
         node = tx.get_node(node_name)
         if node is not None and node.status == "banned":
             raise PermissionDenied(f"node {node_name} is banned")
@@ -139,21 +207,38 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
             )
         )
         tx.add_certificates([record])
+        previous = [node.current_serial, node.pending_serial] if node is not None else []
+        superseded[:] = [s for s in previous if s]
+        # Written here, where the certificate it replaces is known for sure.
+        enrolled[:] = [
+            event(
+                now,
+                attestation.actor,
+                "node.enroll",
+                node_name,
+                method=attestation.method,
+                serial=record.serial,
+                previous_serial=node.current_serial if node is not None else None,
+                peer=peer,
+                **attestation.details,
+            )
+        ]
+        tx.add_audit_events(enrolled)
 
-    events = [
-        event(now, f"token:{token_label(token_hash)}", "token.use", node_name, peer=peer),
-        event(
-            now,
-            str(spiffe_id),
-            "certificate.issue",
-            record.serial,
-            kind="node",
-            spiffe_id=str(spiffe_id),
-            node=node_name,
-            not_after=utc(record.not_after).isoformat(),
-        ),
-    ]
-    await ctx.write(commit, events)
+    issue_event = event(
+        now,
+        str(spiffe_id),
+        "certificate.issue",
+        record.serial,
+        kind="node",
+        spiffe_id=str(spiffe_id),
+        node=node_name,
+        not_after=utc(record.not_after).isoformat(),
+    )
+    await ctx.write(commit, [*events, issue_event])
+    log_committed(enrolled)
+    for serial in superseded:
+        ctx.auth_cache.discard(serial)
     ctx.metrics.issued.labels("node").inc()
     return Enrolled(node_name, spiffe_id, issued)
 

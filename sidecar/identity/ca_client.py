@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -61,6 +61,14 @@ _ERRORS: dict[Any, type[CAError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: CAInvalidArgument,
     grpc.StatusCode.RESOURCE_EXHAUSTED: CARateLimited,
 }
+
+
+@dataclass(frozen=True)
+class KubernetesCredential:
+    """What a sidecar on Kubernetes enrolls with instead of a join token."""
+
+    token: str = field(repr=False)  # the projected service-account token
+    node_name: str  # the node this sidecar runs on
 
 
 @dataclass(frozen=True)
@@ -333,9 +341,16 @@ class CAClient:
 
     # -- enrollment listener -------------------------------------------------------------
 
-    async def enroll(self, join_token: str, csr: bytes) -> EnrollResult:
+    async def enroll(self, credential: str | KubernetesCredential, csr: bytes) -> EnrollResult:
+        """Enroll with a join token (a str) or a Kubernetes service-account token."""
         stub = self._enroll_stub()
-        request = agent_pb2.EnrollRequest(join_token=join_token, csr=csr)
+        if isinstance(credential, KubernetesCredential):
+            kubernetes = agent_pb2.KubernetesCredential(
+                service_account_token=credential.token, node_name=credential.node_name
+            )
+            request = agent_pb2.EnrollRequest(kubernetes=kubernetes, csr=csr)
+        else:
+            request = agent_pb2.EnrollRequest(join_token=credential, csr=csr)
         reply = await self._call("enroll", self._ca.enroll_address, stub.Enroll, request)
         try:
             return EnrollResult(

@@ -3,7 +3,14 @@
 The token is read afresh on every attempt (from `ca.join_token_file`, else the
 MESHTLS_JOIN_TOKEN captured at startup), so an operator can drop a new one in while the
 sidecar runs. A token the CA consumed or rejected is remembered (by hash) and not sent
-again. The enrollment listener is verified against the configured bootstrap roots plus the
+again.
+
+On Kubernetes (`ca.kubernetes_token_file`) the credential is the pod's projected
+service-account token instead, sent with the node name: it is re-read at every attempt
+(the kubelet rotates it), never logged, and sent again after a refusal (the cause, e.g.
+the CA's allow-list, may be fixed meanwhile; the manager backs off between attempts).
+
+The enrollment listener is verified against the configured bootstrap roots plus the
 last known bundle or, with `ca.root_fingerprint`, against a bundle bootstrapped from the pin
 (`sidecar.identity.trust`).
 """
@@ -20,7 +27,7 @@ from meshtls.identity.x509 import CertificateError, fingerprint_sha256
 from sidecar.config import TOKEN_ENV, SidecarConfig
 from sidecar.errors import CAInvalidResponse, CAPermissionDenied, CAUnauthenticated, NoJoinToken
 from sidecar.identity import trust
-from sidecar.identity.ca_client import CAClient, EnrollResult
+from sidecar.identity.ca_client import CAClient, EnrollResult, KubernetesCredential
 from sidecar.identity.keys import PrivateKey, build_csr, new_private_key
 from sidecar.identity.model import Svid, TrustBundle
 from sidecar.identity.verify import check_bundle, verify_svid
@@ -44,23 +51,30 @@ class Enroller:
         # Why the current token cannot be used, for the operator; None when unknown.
         self.token_problem: str | None = None
 
+    @property
+    def _what(self) -> str:
+        if self._config.ca.kubernetes_token_file is not None:
+            return "service-account token"
+        return "join token"
+
     def read_token(self) -> tuple[str | None, str]:
         """(token or None, where it came from / where to put one)."""
         ca = self._config.ca
-        if ca.join_token_file is not None:
+        token_file = ca.kubernetes_token_file or ca.join_token_file
+        if token_file is not None:
             try:
-                text = ca.join_token_file.read_text().strip()
+                text = token_file.read_text().strip()
             except FileNotFoundError:
                 text = ""
             except (OSError, UnicodeDecodeError) as exc:
                 log.warning(
-                    "cannot read the join token file",
-                    extra={"path": str(ca.join_token_file), "error": str(exc)},
+                    f"cannot read the {self._what} file",
+                    extra={"path": str(token_file), "error": str(exc)},
                 )
                 text = ""
             if text:
-                return text, str(ca.join_token_file)
-        if ca.join_token_env:
+                return text, str(token_file)
+        if ca.join_token_env and ca.kubernetes_token_file is None:
             return ca.join_token_env, TOKEN_ENV
         return None, ca.token_hint()
 
@@ -69,7 +83,9 @@ class Enroller:
         token, source = self.read_token()
         if token is None:
             self.token_problem = None
-            raise NoJoinToken(f"no join token in {source}", operation="enroll")
+            raise NoJoinToken(f"no {self._what} in {source}", operation="enroll")
+        if self._config.ca.kubernetes_token_file is not None:
+            return await self._enroll_kubernetes(token, source, now, known)
         digest = hashlib.sha256(token.encode()).hexdigest()
         if digest == self._spent_token:
             if self.token_problem is None:
@@ -88,6 +104,22 @@ class Enroller:
             self.token_problem = f"the CA rejected the join token from {source}: {exc.message}"
             raise
         self._spent_token = digest  # single use, whatever happens next
+        self.token_problem = None
+        return Enrolled(result.node_name, self._accept(result, key, now), result.bundle)
+
+    async def _enroll_kubernetes(
+        self, token: str, source: str, now: float, known: TrustBundle | None
+    ) -> Enrolled:
+        await self._set_roots(known)
+        key = new_private_key()
+        credential = KubernetesCredential(token, self._config.node)
+        try:
+            result = await self._client.enroll(credential, build_csr(key))
+        except (CAUnauthenticated, CAPermissionDenied) as exc:
+            self.token_problem = (
+                f"the CA refused the service-account token from {source}: {exc.message}"
+            )
+            raise
         self.token_problem = None
         return Enrolled(result.node_name, self._accept(result, key, now), result.bundle)
 

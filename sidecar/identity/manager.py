@@ -107,20 +107,20 @@ class IdentityManager:
 
     def problem(self) -> str | None:
         """The condition that needs an operator, worded as what to do about it."""
-        name, hint = self.config.node, self.config.ca.token_hint()
+        name, ca = self.config.node, self.config.ca
         if self._holder.node is None:
             if self._node_expired_at is not None:
                 text = (
                     f"node certificate expired at {iso(self._node_expired_at)}; "
-                    f"provide a new join token in {hint}"
+                    f"{ca.enroll_action(new=True)}"
                 )
             elif self._node_rejected is not None:
                 text = (
                     f"the CA no longer accepts this node's certificate ({self._node_rejected}); "
-                    f"provide a new join token in {hint}"
+                    f"{ca.enroll_action(new=True)}"
                 )
             else:
-                text = f"node {name} is not enrolled; provide a join token in {hint}"
+                text = f"node {name} is not enrolled; {ca.enroll_action()}"
             why = self._enroller.token_problem
             return f"{text} ({why})" if why else text
         if self._renewer.refused is not None:
@@ -333,9 +333,9 @@ class IdentityManager:
     def _node_expired(self, not_after: float) -> None:
         self._node_expired_at = not_after
         log.error(
-            "node certificate expired at %s; provide a new join token in %s",
+            "node certificate expired at %s; %s",
             iso(not_after),
-            self.config.ca.token_hint(),
+            self.config.ca.enroll_action(new=True),
             extra={"node": self.config.node, "not_after": iso(not_after)},
         )
 

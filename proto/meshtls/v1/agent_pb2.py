@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from meshtls.v1 import types_pb2 as meshtls_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshtls/v1/agent.proto\x12\nmeshtls.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16meshtls/v1/types.proto\"0\n\rEnrollRequest\x12\x12\n\njoin_token\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"\x97\x01\n\x0e\x45nrollResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x36\n\x10node_certificate\x18\x03 \x01(\x0b\x32\x1c.meshtls.v1.CertificateChain\x12\'\n\x06\x62undle\x18\x04 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\"\x1f\n\x10RenewNodeRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"t\n\x11RenewNodeResponse\x12\x36\n\x10node_certificate\x18\x01 \x01(\x0b\x32\x1c.meshtls.v1.CertificateChain\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\"\x17\n\x15ListIdentitiesRequest\"H\n\x16ListIdentitiesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.meshtls.v1.RegistrationEntry\",\n\x0bIdentityCsr\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"B\n\x15SignIdentitiesRequest\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.meshtls.v1.IdentityCsr\"\x98\x01\n\x0eSignedIdentity\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x31\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0b\x32\x1c.meshtls.v1.CertificateChain\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x16SignIdentitiesResponse\x12.\n\nidentities\x18\x01 \x03(\x0b\x32\x1a.meshtls.v1.SignedIdentity\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\"%\n\x0cWatchRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"z\n\rTrustSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\x12/\n\x07revoked\x18\x03 \x03(\x0b\x32\x1e.meshtls.v1.RevokedCertificate2\x8f\x04\n\x0c\x41gentService\x12?\n\x06\x45nroll\x12\x19.meshtls.v1.EnrollRequest\x1a\x1a.meshtls.v1.EnrollResponse\x12H\n\tRenewNode\x12\x1c.meshtls.v1.RenewNodeRequest\x1a\x1d.meshtls.v1.RenewNodeResponse\x12W\n\x0eListIdentities\x12!.meshtls.v1.ListIdentitiesRequest\x1a\".meshtls.v1.ListIdentitiesResponse\x12W\n\x0eSignIdentities\x12!.meshtls.v1.SignIdentitiesRequest\x1a\".meshtls.v1.SignIdentitiesResponse\x12L\n\x0eGetTrustBundle\x12!.meshtls.v1.GetTrustBundleRequest\x1a\x17.meshtls.v1.TrustBundle\x12\x34\n\x06GetCrl\x12\x19.meshtls.v1.GetCrlRequest\x1a\x0f.meshtls.v1.Crl\x12>\n\x05Watch\x12\x18.meshtls.v1.WatchRequest\x1a\x19.meshtls.v1.TrustSnapshot0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16meshtls/v1/agent.proto\x12\nmeshtls.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16meshtls/v1/types.proto\"x\n\rEnrollRequest\x12\x14\n\njoin_token\x18\x01 \x01(\tH\x00\x12\x36\n\nkubernetes\x18\x03 \x01(\x0b\x32 .meshtls.v1.KubernetesCredentialH\x00\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\x42\x0c\n\ncredential\"H\n\x14KubernetesCredential\x12\x1d\n\x15service_account_token\x18\x01 \x01(\t\x12\x11\n\tnode_name\x18\x02 \x01(\t\"\x97\x01\n\x0e\x45nrollResponse\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x36\n\x10node_certificate\x18\x03 \x01(\x0b\x32\x1c.meshtls.v1.CertificateChain\x12\'\n\x06\x62undle\x18\x04 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\"\x1f\n\x10RenewNodeRequest\x12\x0b\n\x03\x63sr\x18\x01 \x01(\x0c\"t\n\x11RenewNodeResponse\x12\x36\n\x10node_certificate\x18\x01 \x01(\x0b\x32\x1c.meshtls.v1.CertificateChain\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\"\x17\n\x15ListIdentitiesRequest\"H\n\x16ListIdentitiesResponse\x12.\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1d.meshtls.v1.RegistrationEntry\",\n\x0bIdentityCsr\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x0b\n\x03\x63sr\x18\x02 \x01(\x0c\"B\n\x15SignIdentitiesRequest\x12)\n\x08requests\x18\x01 \x03(\x0b\x32\x17.meshtls.v1.IdentityCsr\"\x98\x01\n\x0eSignedIdentity\x12\x10\n\x08\x65ntry_id\x18\x01 \x01(\t\x12\x11\n\tspiffe_id\x18\x02 \x01(\t\x12\x31\n\x0b\x63\x65rtificate\x18\x03 \x01(\x0b\x32\x1c.meshtls.v1.CertificateChain\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"q\n\x16SignIdentitiesResponse\x12.\n\nidentities\x18\x01 \x03(\x0b\x32\x1a.meshtls.v1.SignedIdentity\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\"%\n\x0cWatchRequest\x12\x15\n\rknown_version\x18\x01 \x01(\x04\"z\n\rTrustSnapshot\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12\'\n\x06\x62undle\x18\x02 \x01(\x0b\x32\x17.meshtls.v1.TrustBundle\x12/\n\x07revoked\x18\x03 \x03(\x0b\x32\x1e.meshtls.v1.RevokedCertificate2\x8f\x04\n\x0c\x41gentService\x12?\n\x06\x45nroll\x12\x19.meshtls.v1.EnrollRequest\x1a\x1a.meshtls.v1.EnrollResponse\x12H\n\tRenewNode\x12\x1c.meshtls.v1.RenewNodeRequest\x1a\x1d.meshtls.v1.RenewNodeResponse\x12W\n\x0eListIdentities\x12!.meshtls.v1.ListIdentitiesRequest\x1a\".meshtls.v1.ListIdentitiesResponse\x12W\n\x0eSignIdentities\x12!.meshtls.v1.SignIdentitiesRequest\x1a\".meshtls.v1.SignIdentitiesResponse\x12L\n\x0eGetTrustBundle\x12!.meshtls.v1.GetTrustBundleRequest\x1a\x17.meshtls.v1.TrustBundle\x12\x34\n\x06GetCrl\x12\x19.meshtls.v1.GetCrlRequest\x1a\x0f.meshtls.v1.Crl\x12>\n\x05Watch\x12\x18.meshtls.v1.WatchRequest\x1a\x19.meshtls.v1.TrustSnapshot0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,29 +34,31 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'meshtls.v1.agent_pb2', _glo
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ENROLLREQUEST']._serialized_start=95
-  _globals['_ENROLLREQUEST']._serialized_end=143
-  _globals['_ENROLLRESPONSE']._serialized_start=146
-  _globals['_ENROLLRESPONSE']._serialized_end=297
-  _globals['_RENEWNODEREQUEST']._serialized_start=299
-  _globals['_RENEWNODEREQUEST']._serialized_end=330
-  _globals['_RENEWNODERESPONSE']._serialized_start=332
-  _globals['_RENEWNODERESPONSE']._serialized_end=448
-  _globals['_LISTIDENTITIESREQUEST']._serialized_start=450
-  _globals['_LISTIDENTITIESREQUEST']._serialized_end=473
-  _globals['_LISTIDENTITIESRESPONSE']._serialized_start=475
-  _globals['_LISTIDENTITIESRESPONSE']._serialized_end=547
-  _globals['_IDENTITYCSR']._serialized_start=549
-  _globals['_IDENTITYCSR']._serialized_end=593
-  _globals['_SIGNIDENTITIESREQUEST']._serialized_start=595
-  _globals['_SIGNIDENTITIESREQUEST']._serialized_end=661
-  _globals['_SIGNEDIDENTITY']._serialized_start=664
-  _globals['_SIGNEDIDENTITY']._serialized_end=816
-  _globals['_SIGNIDENTITIESRESPONSE']._serialized_start=818
-  _globals['_SIGNIDENTITIESRESPONSE']._serialized_end=931
-  _globals['_WATCHREQUEST']._serialized_start=933
-  _globals['_WATCHREQUEST']._serialized_end=970
-  _globals['_TRUSTSNAPSHOT']._serialized_start=972
-  _globals['_TRUSTSNAPSHOT']._serialized_end=1094
-  _globals['_AGENTSERVICE']._serialized_start=1097
-  _globals['_AGENTSERVICE']._serialized_end=1624
+  _globals['_ENROLLREQUEST']._serialized_end=215
+  _globals['_KUBERNETESCREDENTIAL']._serialized_start=217
+  _globals['_KUBERNETESCREDENTIAL']._serialized_end=289
+  _globals['_ENROLLRESPONSE']._serialized_start=292
+  _globals['_ENROLLRESPONSE']._serialized_end=443
+  _globals['_RENEWNODEREQUEST']._serialized_start=445
+  _globals['_RENEWNODEREQUEST']._serialized_end=476
+  _globals['_RENEWNODERESPONSE']._serialized_start=478
+  _globals['_RENEWNODERESPONSE']._serialized_end=594
+  _globals['_LISTIDENTITIESREQUEST']._serialized_start=596
+  _globals['_LISTIDENTITIESREQUEST']._serialized_end=619
+  _globals['_LISTIDENTITIESRESPONSE']._serialized_start=621
+  _globals['_LISTIDENTITIESRESPONSE']._serialized_end=693
+  _globals['_IDENTITYCSR']._serialized_start=695
+  _globals['_IDENTITYCSR']._serialized_end=739
+  _globals['_SIGNIDENTITIESREQUEST']._serialized_start=741
+  _globals['_SIGNIDENTITIESREQUEST']._serialized_end=807
+  _globals['_SIGNEDIDENTITY']._serialized_start=810
+  _globals['_SIGNEDIDENTITY']._serialized_end=962
+  _globals['_SIGNIDENTITIESRESPONSE']._serialized_start=964
+  _globals['_SIGNIDENTITIESRESPONSE']._serialized_end=1077
+  _globals['_WATCHREQUEST']._serialized_start=1079
+  _globals['_WATCHREQUEST']._serialized_end=1116
+  _globals['_TRUSTSNAPSHOT']._serialized_start=1118
+  _globals['_TRUSTSNAPSHOT']._serialized_end=1240
+  _globals['_AGENTSERVICE']._serialized_start=1243
+  _globals['_AGENTSERVICE']._serialized_end=1770
 # @@protoc_insertion_point(module_scope)

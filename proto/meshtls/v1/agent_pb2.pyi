@@ -25,23 +25,61 @@ class EnrollRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     JOIN_TOKEN_FIELD_NUMBER: _builtins.int
+    KUBERNETES_FIELD_NUMBER: _builtins.int
     CSR_FIELD_NUMBER: _builtins.int
     join_token: _builtins.str
+    """A one-time join token made by `meshtls-ca token create`."""
     csr: _builtins.bytes
     """DER-encoded PKCS#10 request; only its public key and signature are used."""
+    @_builtins.property
+    def kubernetes(self) -> Global___KubernetesCredential:
+        """On Kubernetes: the pod's projected service-account token (see KubernetesCredential)."""
+
     def __init__(
         self,
         *,
         join_token: _builtins.str = ...,
+        kubernetes: Global___KubernetesCredential | None = ...,
         csr: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "join_token", b"join_token", "kubernetes", b"kubernetes"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["credential", b"credential", "csr", b"csr", "join_token", b"join_token", "kubernetes", b"kubernetes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_credential: _TypeAlias = _typing.Literal["join_token", "kubernetes"]  # noqa: Y015
+    _WhichOneofArgType_credential: _TypeAlias = _typing.Literal["credential", b"credential"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_credential) -> _WhichOneofReturnType_credential | None: ...
+
+Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+
+@_typing.final
+class KubernetesCredential(_message.Message):
+    """What a sidecar on Kubernetes enrolls with. The CA checks the token with the TokenReview
+    API (audience and service-account allow-list), reads the pod the token is bound to, and
+    issues the identity of the node that pod runs on: it must be `node_name`.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERVICE_ACCOUNT_TOKEN_FIELD_NUMBER: _builtins.int
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    service_account_token: _builtins.str
+    """The projected service-account token, as read from its file (a JWT)."""
+    node_name: _builtins.str
+    """The node this sidecar runs on (MESHTLS_NODE_NAME, from the pod's spec.nodeName)."""
+    def __init__(
+        self,
+        *,
+        service_account_token: _builtins.str = ...,
+        node_name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr", b"csr", "join_token", b"join_token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_name", b"node_name", "service_account_token", b"service_account_token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
-Global___EnrollRequest: _TypeAlias = EnrollRequest  # noqa: Y015
+Global___KubernetesCredential: _TypeAlias = KubernetesCredential  # noqa: Y015
 
 @_typing.final
 class EnrollResponse(_message.Message):

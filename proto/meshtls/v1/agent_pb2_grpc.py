@@ -84,7 +84,8 @@ class AgentServiceServicer:
     """
 
     def Enroll(self, request, context):
-        """Exchange a one-time join token and a CSR for the node certificate.
+        """Exchange a one-time join token (or, on Kubernetes, a service-account token) and a CSR
+        for the node certificate.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

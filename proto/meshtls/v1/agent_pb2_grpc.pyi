@@ -39,7 +39,9 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     Enroll: _grpc.UnaryUnaryMultiCallable[_agent_pb2.EnrollRequest, _agent_pb2.EnrollResponse]
-    """Exchange a one-time join token and a CSR for the node certificate."""
+    """Exchange a one-time join token (or, on Kubernetes, a service-account token) and a CSR
+    for the node certificate.
+    """
     RenewNode: _grpc.UnaryUnaryMultiCallable[_agent_pb2.RenewNodeRequest, _agent_pb2.RenewNodeResponse]
     """Renew the node certificate; the caller authenticates with its current one."""
     ListIdentities: _grpc.UnaryUnaryMultiCallable[_agent_pb2.ListIdentitiesRequest, _agent_pb2.ListIdentitiesResponse]
@@ -65,7 +67,9 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     Enroll: _aio.UnaryUnaryMultiCallable[_agent_pb2.EnrollRequest, _agent_pb2.EnrollResponse]  # type: ignore[assignment]
-    """Exchange a one-time join token and a CSR for the node certificate."""
+    """Exchange a one-time join token (or, on Kubernetes, a service-account token) and a CSR
+    for the node certificate.
+    """
     RenewNode: _aio.UnaryUnaryMultiCallable[_agent_pb2.RenewNodeRequest, _agent_pb2.RenewNodeResponse]  # type: ignore[assignment]
     """Renew the node certificate; the caller authenticates with its current one."""
     ListIdentities: _aio.UnaryUnaryMultiCallable[_agent_pb2.ListIdentitiesRequest, _agent_pb2.ListIdentitiesResponse]  # type: ignore[assignment]
@@ -94,7 +98,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agent_pb2.EnrollRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.EnrollResponse, _abc.Awaitable[_agent_pb2.EnrollResponse]]:
-        """Exchange a one-time join token and a CSR for the node certificate."""
+        """Exchange a one-time join token (or, on Kubernetes, a service-account token) and a CSR
+        for the node certificate.
+        """
 
     @_abc_1.abstractmethod
     def RenewNode(
