@@ -64,6 +64,14 @@ log = logging.getLogger(__name__)
 AUTH_CACHE_SECONDS = 2.0
 
 
+class _CreatedElsewhere(Exception):
+    """Rolls back a first-start transaction that lost the race to another replica."""
+
+    def __init__(self, authorities: list[Authority]) -> None:
+        super().__init__("authorities created by another replica")
+        self.authorities = authorities
+
+
 def resolve_kek(config: CAConfig, environ: dict[str, str] | None = None) -> Kek:
     """The KEK from --kek-file, else $MESHTLS_CA_KEK, else (only with --dev) a generated one."""
     env = os.environ if environ is None else environ
@@ -149,6 +157,14 @@ class CAServer:
         return Store(engine)
 
     def _load_authorities(self, store: Store, kek: Kek) -> list[Authority]:
+        """The authorities in the database, or new ones on the very first start.
+
+        Replicas started together on an empty database race to create them: the transaction
+        that stores them first bumps the bundle version, which takes the single trust_state
+        row's lock (PostgreSQL) or the write lock (SQLite) until commit, then looks again.
+        The replica that finds authorities created meanwhile rolls back its own and uses
+        those, so a cluster never starts with two roots of its own making.
+        """
         with store.read() as tx:
             existing = tx.list_authorities()
         if existing:
@@ -179,10 +195,18 @@ class CAServer:
             )
             for a in created
         ]
-        with store.transaction() as tx:
-            for authority in created:
-                tx.add_authority(authority)
-            tx.add_audit_events(events)
+        try:
+            with store.transaction() as tx:
+                tx.bump_bundle_version()  # serialises replicas starting together (see above)
+                existing = tx.list_authorities()
+                if existing:
+                    raise _CreatedElsewhere(existing)
+                for authority in created:
+                    tx.add_authority(authority)
+                tx.add_audit_events(events)
+        except _CreatedElsewhere as elsewhere:
+            log.info("another replica created the authorities first; using them")
+            return elsewhere.authorities
         log_committed(events)
         return created
 
