@@ -1,6 +1,10 @@
 """Run the data-plane bench and print one table (medians of `--runs`, ratios to Envoy).
 
 .venv/bin/python -m bench.dataplane [--runs 3] [--bulk-mib 1024] [--only NAME ...]
+    [--meshtls-access-log]
+
+Besides the table, a second one gives each proxy's CPU time per new connection and how
+many of the meshtls client proxy's TLS handshakes resumed a session.
 """
 
 from __future__ import annotations
@@ -32,7 +36,9 @@ class Figures:
     p50_us: list[float] = field(default_factory=list)
     p99_us: list[float] = field(default_factory=list)
     conns_per_s: list[float] = field(default_factory=list)
+    conn_cpu_ms: list[float] = field(default_factory=list)  # per connection, per proxy
     conn_errors: int = 0
+    handshakes: tuple[int, int] | None = None  # (accepted, resumed) by the client proxy
     idle_open: int = 0
     idle_rss_mib: float = 0.0
     idle_errors: int = 0
@@ -71,9 +77,17 @@ def measure(topo: Topology, args: argparse.Namespace, progress: Callable[[str], 
         figures.p50_us.append(_pct(rtts, 0.50))
         figures.p99_us.append(_pct(rtts, 0.99))
         progress(f"{topo.name}: run {run + 1}/{args.runs}: new connections")
+        before = cpu_seconds(topo.proxy_pids)
         conn = _load("connect", "127.0.0.1", port, str(args.concurrency), str(args.conn_seconds))
-        figures.conns_per_s.append(float(conn["connections"]) / float(conn["seconds"]))  # type: ignore[arg-type]
+        used = cpu_seconds(topo.proxy_pids) - before
+        done = float(conn["connections"])  # type: ignore[arg-type]
+        figures.conns_per_s.append(done / float(conn["seconds"]))  # type: ignore[arg-type]
+        if done and topo.proxy_pids:
+            figures.conn_cpu_ms.append(used * 1000 / done / len(topo.proxy_pids))
         figures.conn_errors += int(conn["errors"])  # type: ignore[call-overload]
+    handshakes = getattr(topo, "handshakes", None)
+    if handshakes is not None:
+        figures.handshakes = handshakes()
     if args.idle:
         progress(f"{topo.name}: {args.idle} idle connections")
         holder = subprocess.Popen(
@@ -150,6 +164,34 @@ def table(results: dict[str, tuple[str, Figures]], idle: int) -> str:
     return "\n".join(rows)
 
 
+def details(results: dict[str, tuple[str, Figures]], access_log: bool) -> str:
+    """A second table (the first keeps its format): the steadier per-unit CPU figures and,
+    for meshtls, how many of the client proxy's handshakes resumed a session."""
+    med = statistics.median
+    rows = [
+        "| topology | proxy CPU ms per new connection (each proxy) | handshakes resumed |",
+        "|---|---|---|",
+    ]
+    for name, (_, f) in results.items():
+        if name == "direct":
+            continue
+        cpu = _fmt(med(f.conn_cpu_ms), 2) if f.conn_cpu_ms else ""
+        resumed = ""
+        if f.handshakes is not None:
+            accepted, done = f.handshakes
+            resumed = f"{done:,} of {accepted:,}" + (
+                f" ({100 * done / accepted:.1f}%)" if accepted else ""
+            )
+        rows.append(f"| {name} | {cpu} | {resumed} |")
+    rows.append("")
+    log = "with" if access_log else "without"
+    rows.append(
+        f"meshtls sidecars ran {log} their access log "
+        f"(--log-level {'info' if access_log else 'warning'}); Envoy has none configured."
+    )
+    return "\n".join(rows)
+
+
 def _raise_fd_limit(want: int) -> None:
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     try:
@@ -158,10 +200,10 @@ def _raise_fd_limit(want: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-def topologies(only: list[str]) -> list[Topology]:
+def topologies(only: list[str], access_log: bool) -> list[Topology]:
     from bench.dataplane.meshtls_topology import Meshtls
 
-    every: list[Topology] = [Direct(), Envoy(), Stunnel(), Meshtls()]
+    every: list[Topology] = [Direct(), Envoy(), Stunnel(), Meshtls(access_log=access_log)]
     return [t for t in every if not only or t.name in only]
 
 
@@ -176,6 +218,11 @@ def main() -> int:
     # sandboxes), a client-side proxy holding two sockets per connection cannot reach 10,000.
     parser.add_argument("--idle", type=int, default=9_900, help="0 skips the idle test")
     parser.add_argument("--only", nargs="*", default=[])
+    parser.add_argument(
+        "--meshtls-access-log",
+        action="store_true",
+        help="run the sidecars at --log-level info, with one access-log line per connection",
+    )
     args = parser.parse_args()
     _raise_fd_limit(200_000)
 
@@ -192,7 +239,7 @@ def main() -> int:
         )
         try:
             wait_listening(sink_port, [sink])
-            for topo in topologies(args.only):
+            for topo in topologies(args.only, args.meshtls_access_log):
                 progress(f"starting {topo.name}")
                 topo_dir = workdir / topo.name
                 topo_dir.mkdir()
@@ -204,6 +251,8 @@ def main() -> int:
         finally:
             stop(sink)
     print(table(results, args.idle))
+    print()
+    print(details(results, args.meshtls_access_log))
     return 0
 
 

@@ -22,8 +22,10 @@ import time
 
 try:
     import uvloop
+
+    HAVE_UVLOOP = True
 except ImportError:  # pragma: no cover
-    uvloop = None
+    HAVE_UVLOOP = False
 
 CHUNK = 1 << 20
 
@@ -148,7 +150,7 @@ def _raise_fd_limit() -> None:
 def main() -> None:
     _raise_fd_limit()
     mode, host, port, *rest = sys.argv[1:]
-    run = uvloop.run if uvloop is not None else asyncio.run
+    run = uvloop.run if HAVE_UVLOOP else asyncio.run
     if mode == "bulk":
         result: object = bulk(host, int(port), int(rest[0]))
     elif mode == "pingpong":

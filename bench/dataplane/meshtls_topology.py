@@ -13,6 +13,7 @@ from pathlib import Path
 
 import grpc
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.dataplane.pki import BenchPki
 from bench.dataplane.processes import free_port, start, stop, wait_listening
@@ -60,7 +61,11 @@ def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float =
 class Meshtls:
     name = "meshtls"
 
-    def __init__(self) -> None:
+    def __init__(self, *, access_log: bool = False) -> None:
+        # Without the access log the sidecars run at --log-level warning (Envoy in this
+        # bench has no access log either).
+        self.access_log = access_log
+        self.status_ports: list[int] = []
         self.entry_port = 0
         self.proxy_pids: list[int] = []
         self._ca: CAProcess | None = None
@@ -76,7 +81,7 @@ class Meshtls:
             "enroll_address": ca.enroll,
             "trust_bundle": str(workdir / "bundle.pem"),
         }
-        sidecars = {
+        sidecars: dict[str, tuple[str, str, dict[str, object]]] = {
             "server": (
                 "bench-server",
                 server_token,
@@ -122,12 +127,15 @@ class Meshtls:
             }
             path = workdir / f"sidecar-{role}.yaml"
             path.write_text(yaml.safe_dump(config))
+            level = "info" if self.access_log else "warning"
+            command = [str(BIN / "meshtls-sidecar"), "run", "--config", str(path)]
             self._procs.append(
                 start(
-                    [str(BIN / "meshtls-sidecar"), "run", "--config", str(path)],
+                    [*command, "--log-level", level],
                     workdir / f"sidecar-{role}.log",
                 )
             )
+            self.status_ports.append(status_port)
             ready_urls.append(f"http://127.0.0.1:{status_port}/readyz")
         for url in ready_urls:
             _wait_ready(url, self._procs)
@@ -135,6 +143,20 @@ class Meshtls:
         wait_listening(outbound_port, self._procs)
         self.entry_port = outbound_port
         self.proxy_pids = [p.pid for p in self._procs]
+
+    def handshakes(self) -> tuple[int, int]:
+        """(accepted, resumed) TLS handshakes of the client sidecar's outbound listener."""
+        url = f"http://127.0.0.1:{self.status_ports[1]}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as answer:
+            text = answer.read().decode()
+        found = {"accepted": 0.0, "resumed": 0.0}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                if s.name == "meshtls_proxy_handshakes_total" and s.labels["result"] == "accepted":
+                    found["accepted"] += s.value
+                elif s.name == "meshtls_proxy_resumed_handshakes_total":
+                    found["resumed"] += s.value
+        return int(found["accepted"]), int(found["resumed"])
 
     def stop(self) -> None:
         for proc in self._procs:

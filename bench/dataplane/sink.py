@@ -14,8 +14,10 @@ import sys
 
 try:
     import uvloop
+
+    HAVE_UVLOOP = True
 except ImportError:  # pragma: no cover - the bench works without it, only slower
-    uvloop = None
+    HAVE_UVLOOP = False
 
 
 class SinkProtocol(asyncio.Protocol):
@@ -55,7 +57,7 @@ async def serve(port: int) -> None:
 
 def main() -> None:
     port = int(sys.argv[1])
-    if uvloop is not None:
+    if HAVE_UVLOOP:
         uvloop.run(serve(port))
     else:
         asyncio.run(serve(port))

@@ -1,7 +1,8 @@
-"""One proxied connection: its two sides, its setup timer, how it ends, and its record.
+"""One proxied connection: its two sides, how it ends, and its record.
 
 A connection is "setting up" from accept until both sides are linked (TLS handshake,
-policy, connecting onward), bounded by the listener's handshake timeout; then it is
+policy, connecting onward), bounded by the listener's handshake timeout (checked by the
+listener's sweeper, like the idle timeout: no timer per connection); then it is
 "relaying" until both directions have ended (result `ok`) or something stops it (reset,
 idle timeout, max lifetime, drain timeout, TLS error). It finishes, and is logged and
 counted once, when every side it opened has closed.
@@ -13,11 +14,13 @@ when a side connects and when a handshake completes.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import TYPE_CHECKING
 
-from sidecar.proxy.access_log import format_address
+from sidecar.proxy.access_log import access_log, format_address
 from sidecar.proxy.peer import Refusal
-from sidecar.proxy.relay import Side, TlsSide, link
+from sidecar.proxy.relay import Side, link
+from sidecar.proxy.tls_side import TlsSide
 
 if TYPE_CHECKING:
     from sidecar.proxy.listener import Listener
@@ -25,7 +28,7 @@ if TYPE_CHECKING:
 
 class Connection:
     __slots__ = (
-        "client",
+        "client_address",
         "connect_task",
         "down",
         "finished",
@@ -37,8 +40,8 @@ class Connection:
         "reason",
         "relaying",
         "result",
+        "setup_timeout",
         "started",
-        "timer",
         "up",
     )
 
@@ -53,10 +56,10 @@ class Connection:
         self.result: str | None = None
         self.reason = ""
         self.peer_id = "-"
-        self.client = "-"
+        self.client_address: object = None  # as the transport reports it
         self.relaying = False
         self.finished = False
-        self.timer: asyncio.TimerHandle | None = None
+        self.setup_timeout = listener.config.limits.handshake_timeout_seconds
         self.connect_task: asyncio.Task[None] | None = None
 
     # -- lifecycle -------------------------------------------------------------------
@@ -64,30 +67,31 @@ class Connection:
     def accept(self, side: Side) -> bool:
         """The downstream side connected: admit it or refuse it. True when admitted."""
         self.down = side
-        self.client = format_address(side.address())
-        if not self.listener.admit(self):
-            return False
-        timeout = self.listener.config.limits.handshake_timeout_seconds
-        self.timer = self.loop.call_later(timeout, self._setup_timeout, timeout)
-        return True
+        if access_log.isEnabledFor(logging.INFO):  # else looked up only if a refusal needs it
+            self.client_address = side.address()
+        return self.listener.admit(self)
 
-    def _setup_timeout(self, timeout: float) -> None:
-        self.timer = None
-        if not self.relaying:
-            self.refuse(
-                Refusal(
-                    "handshake_timeout",
-                    f"the TLS handshake and the onward connection took longer than {timeout:g}s",
-                    self.peer_id if self.peer_id != "-" else None,
-                )
+    @property
+    def client(self) -> str:
+        """The address of whoever connected to us ("-" once unknown)."""
+        down = self.down
+        if self.client_address is None and down is not None and not down.lost:
+            self.client_address = down.address()
+        return format_address(self.client_address)
+
+    def _setup_timed_out(self) -> None:
+        self.refuse(
+            Refusal(
+                "handshake_timeout",
+                "the TLS handshake and the onward connection took longer than "
+                f"{self.setup_timeout:g}s",
+                self.peer_id if self.peer_id != "-" else None,
             )
+        )
 
     def start_relay(self) -> None:
         assert self.down is not None
         assert self.up is not None
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.relaying = True
         self.last_active = self.loop.time()
         link(self.down, self.up)
@@ -98,6 +102,14 @@ class Connection:
             self.reason = refusal.reason
             self.listener.record_refusal(self, refusal)
         self.close()
+
+    def connect_failed(self, refusal: Refusal) -> None:
+        """The onward connection could not be made. uvloop makes the protocol before it
+        connects: a side that never connected is forgotten, or the connection would wait
+        for it to close forever (and hold up a drain)."""
+        if self.up is not None and self.up.transport is None:
+            self.up = None
+        self.refuse(refusal)
 
     def close(self, result: str | None = None, reason: str = "") -> None:
         """End the connection gracefully (buffered data is flushed first)."""
@@ -121,11 +133,14 @@ class Connection:
         self._maybe_finish()
 
     def check_idle(self, now: float, idle: float, lifetime: float | None) -> None:
-        """Called by the listener's sweeper: close when idle or too old."""
+        """Called by the listener's sweeper: refuse when still setting up after the
+        handshake timeout, close when idle or too old."""
         if lifetime is not None and now - self.started >= lifetime:
             self.close("max_lifetime")
             return
         if not self.relaying:
+            if now - self.started >= self.setup_timeout and self.result is None:
+                self._setup_timed_out()
             return
         assert self.down is not None
         assert self.up is not None
@@ -145,10 +160,14 @@ class Connection:
         if self.connect_task is not None and not self.connect_task.done():
             return
         self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         self.listener.finish(self)
+        # Break the cycles (connection <-> side, side <-> side): reference counting then
+        # frees everything at once, and the cyclic GC has nothing to find.
+        for side in (self.down, self.up):
+            if side is not None:
+                side.peer = None
+        self.down = self.up = None
+        self.connect_task = None
 
     def _connect_done(self, task: asyncio.Task[None]) -> None:
         if not task.cancelled() and task.exception() is not None:

@@ -11,22 +11,22 @@ that was refused.
 from __future__ import annotations
 
 from sidecar.proxy.access_log import log_audit_denied
-from sidecar.proxy.config import InboundConfig, UnixAddress
+from sidecar.proxy.config import InboundConfig, OutboundConfig, UnixAddress
 from sidecar.proxy.connection import Connection
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.peer import Peer, Refusal, peer_of
 from sidecar.proxy.proxy_protocol import encode_v2
-from sidecar.proxy.relay import Side, TlsSide, pause
+from sidecar.proxy.relay import Side, pause
 from sidecar.proxy.tls import ContextKey
+from sidecar.proxy.tls_side import TlsSide
 
 
 class InboundListener(Listener):
     direction = "inbound"
     config: InboundConfig
 
-    @property
-    def context_key(self) -> ContextKey:
-        return ContextKey(self.config.identity, "server", self.config.min_tls_version)
+    def key_for(self, config: InboundConfig | OutboundConfig) -> ContextKey:
+        return ContextKey(config.identity, "server", config.min_tls_version)
 
     def protocol(self) -> Side:
         return TlsSide(InboundConnection(self))
@@ -47,7 +47,7 @@ class InboundConnection(Connection):
             assert isinstance(side, TlsSide)
             if not self.accept(side):
                 return
-            context = self.listener.service.tls.get(self.listener.context_key)
+            context = self.listener.context()
             if context is None:
                 self.refuse(
                     Refusal(
@@ -57,7 +57,7 @@ class InboundConnection(Connection):
                     )
                 )
                 return
-            side.start_tls(context, server_side=True)
+            side.start_tls(context, self.listener.service.tls.native)
         # The app side: nothing to do until the connect coroutine returns.
 
     def handshake_failed(self, side: TlsSide, refusal: Refusal) -> None:
@@ -117,7 +117,7 @@ class InboundConnection(Connection):
             else:
                 await self.loop.create_connection(self._app_side, forward.host, forward.port)
         except OSError as exc:
-            self.refuse(
+            self.connect_failed(
                 Refusal(
                     "upstream_unreachable",
                     f"cannot connect to the app at {forward}: {exc.strerror or exc}",

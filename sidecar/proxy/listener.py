@@ -2,8 +2,10 @@
 connections, record refusals and finished connections, and drain.
 
 A connection over the limit is accepted by the kernel and closed at once (logged and
-counted as `connection_limit`). The sweeper runs a few times per idle timeout and compares
-each connection's byte counters with the last sweep, so the data path never touches a
+counted as `connection_limit`). The sweeper runs four times per shortest timeout (idle,
+max lifetime, handshake): it refuses connections still setting up after the handshake
+timeout (so the timeout holds within a quarter of itself) and compares each connection's
+byte counters with the last sweep, so neither a connection nor the data path needs a
 timer. Draining stops accepting (the listening socket is closed), lets open connections
 finish, and closes those still open when the drain timeout ends.
 """
@@ -14,16 +16,23 @@ import asyncio
 import contextlib
 import logging
 import socket
+import ssl
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
 from sidecar.fields import Address
-from sidecar.proxy.access_log import AccessRecord, log_access, log_refusal
+from sidecar.proxy.access_log import (
+    AccessRecord,
+    access_log,
+    log_access,
+    log_refusal,
+)
 from sidecar.proxy.config import InboundConfig, OutboundConfig
 from sidecar.proxy.connection import Connection
 from sidecar.proxy.metrics import ListenerStats
 from sidecar.proxy.peer import Refusal
 from sidecar.proxy.relay import Side
+from sidecar.proxy.tls import ContextKey
 
 if TYPE_CHECKING:
     from sidecar.proxy.service import ProxyService
@@ -49,6 +58,8 @@ class Listener:
         self._sweeper: asyncio.Task[None] | None = None
         self._idle = asyncio.Event()
         self._idle.set()
+        self.counters = service.metrics.counters(self.name)
+        self.context_key = self.key_for(config)
 
     @property
     def name(self) -> str:
@@ -86,9 +97,19 @@ class Listener:
         """The protocol of one accepted connection (its downstream side)."""
         raise NotImplementedError
 
+    def key_for(self, config: InboundConfig | OutboundConfig) -> ContextKey:
+        """Which TLS context the listener's connections use."""
+        raise NotImplementedError
+
+    def context(self) -> ssl.SSLContext | None:
+        """The current TLS context of the listener's identity, if the sidecar holds it."""
+        return self.service.tls.get(self.context_key)
+
     def reconfigure(self, config: InboundConfig | OutboundConfig) -> None:
         """New settings for new connections; the bound address stays."""
         self.config = replace(config, listen=self.config.listen)
+        self.counters = self.service.metrics.counters(self.name)
+        self.context_key = self.key_for(config)
 
     # -- connections -----------------------------------------------------------------
 
@@ -110,35 +131,34 @@ class Listener:
         return True
 
     def record_refusal(self, conn: Connection, refusal: Refusal) -> None:
-        self.service.metrics.refused.labels(self.name, refusal.reason).inc()
+        self.counters.refused(refusal.reason)
         log_refusal(self.name, self.direction, conn.client, refusal)
 
     def record_handshake(self, result: str, *, resumed: bool = False) -> None:
-        metrics = self.service.metrics
-        metrics.handshakes.labels(self.name, result).inc()
-        if resumed:
-            metrics.resumed.labels(self.name).inc()
+        self.counters.handshake(result, resumed)
 
     def finish(self, conn: Connection) -> None:
-        self.active.discard(conn)
-        if not self.active:
+        active = self.active
+        active.discard(conn)
+        if not active:
             self._idle.set()
         up, down = conn.bytes_upstream(), conn.bytes_downstream()
         result = conn.result or "closed"
-        self.service.metrics.connection_closed(self.name, result, up, down)
-        log_access(
-            AccessRecord(
-                listener=self.name,
-                direction=self.direction,
-                client=conn.client,
-                peer_id=conn.peer_id,
-                bytes_upstream=up,
-                bytes_downstream=down,
-                duration_ms=(self.loop.time() - conn.started) * 1000.0,
-                result=result,
-                reason=conn.reason,
+        self.counters.closed(result, up, down)
+        if access_log.isEnabledFor(logging.INFO):
+            log_access(
+                AccessRecord(
+                    listener=self.name,
+                    direction=self.direction,
+                    client=conn.client,
+                    peer_id=conn.peer_id,
+                    bytes_upstream=up,
+                    bytes_downstream=down,
+                    duration_ms=(self.loop.time() - conn.started) * 1000.0,
+                    result=result,
+                    reason=conn.reason,
+                )
             )
-        )
 
     def stats(self) -> ListenerStats:
         up = down = 0
@@ -153,7 +173,7 @@ class Listener:
     async def _sweep(self) -> None:
         while True:
             limits = self.config.limits
-            shortest = limits.idle_timeout_seconds
+            shortest = min(limits.idle_timeout_seconds, limits.handshake_timeout_seconds)
             if limits.max_lifetime_seconds is not None:
                 shortest = min(shortest, limits.max_lifetime_seconds)
             interval = min(max(shortest / 4, MIN_SWEEP_SECONDS), MAX_SWEEP_SECONDS)

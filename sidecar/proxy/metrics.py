@@ -69,16 +69,21 @@ class ProxyMetrics:
             ["listener", "result"],
             registry=self.registry,
         )
+        self._counters: dict[str, ListenerCounters] = {}
         self._sources: list[Callable[[], Iterable[ListenerStats]]] = []
         # Bytes of closed connections by listener name (kept when a listener goes away).
         self.closed_bytes: dict[str, list[int]] = {}
         self.registry.register(_LiveCollector(self))
 
     def connection_closed(self, listener: str, result: str, upstream: int, downstream: int) -> None:
-        self.connections.labels(listener, result).inc()
-        totals = self.closed_bytes.setdefault(listener, [0, 0])
-        totals[0] += upstream
-        totals[1] += downstream
+        self.counters(listener).closed(result, upstream, downstream)
+
+    def counters(self, listener: str) -> ListenerCounters:
+        """The counters of one listener (by name), looked up once."""
+        counters = self._counters.get(listener)
+        if counters is None:
+            counters = self._counters[listener] = ListenerCounters(self, listener)
+        return counters
 
     def watch(self, source: Callable[[], Iterable[ListenerStats]]) -> None:
         """Export gauges and byte counters computed from `source` at each scrape."""
@@ -87,6 +92,45 @@ class ProxyMetrics:
     def stats(self) -> Iterator[ListenerStats]:
         for source in self._sources:
             yield from source()
+
+
+class ListenerCounters:
+    """One listener's labelled counters, kept: `labels()` takes a lock and builds a key at
+    every call, which adds up at thousands of connections per second."""
+
+    def __init__(self, metrics: ProxyMetrics, listener: str) -> None:
+        self._metrics = metrics
+        self._listener = listener
+        self._handshakes: dict[str, Counter] = {}
+        self._refused: dict[str, Counter] = {}
+        self._closed: dict[str, Counter] = {}
+        self.resumed = metrics.resumed.labels(listener)
+        self.bytes = metrics.closed_bytes.setdefault(listener, [0, 0])
+
+    def handshake(self, result: str, resumed: bool) -> None:
+        child = self._handshakes.get(result)
+        if child is None:
+            child = self._handshakes[result] = self._metrics.handshakes.labels(
+                self._listener, result
+            )
+        child.inc()
+        if resumed:
+            self.resumed.inc()
+
+    def refused(self, reason: str) -> None:
+        child = self._refused.get(reason)
+        if child is None:
+            child = self._refused[reason] = self._metrics.refused.labels(self._listener, reason)
+        child.inc()
+
+    def closed(self, result: str, upstream: int, downstream: int) -> None:
+        child = self._closed.get(result)
+        if child is None:
+            child = self._closed[result] = self._metrics.connections.labels(self._listener, result)
+        child.inc()
+        totals = self.bytes
+        totals[0] += upstream
+        totals[1] += downstream
 
 
 class _LiveCollector:

@@ -18,8 +18,10 @@ from sidecar.proxy.connection import Connection
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.peer import Peer, Refusal, peer_of
 from sidecar.proxy.pool import UpstreamPool
-from sidecar.proxy.relay import Side, TlsSide, pause
+from sidecar.proxy.relay import Side, pause
+from sidecar.proxy.sessions import TicketStore
 from sidecar.proxy.tls import ContextKey
+from sidecar.proxy.tls_side import TlsSide
 
 if TYPE_CHECKING:
     from sidecar.proxy.service import ProxyService
@@ -31,38 +33,28 @@ class OutboundListener(Listener):
 
     def __init__(self, config: OutboundConfig, service: ProxyService) -> None:
         super().__init__(config, service)
-        self._session: tuple[ssl.SSLContext, ssl.SSLSession] | None = None
+        self.tickets = TicketStore(service.tls.native)
         self.pool = UpstreamPool(self)
 
-    @property
-    def context_key(self) -> ContextKey:
-        return ContextKey(self.config.identity, "client", self.config.min_tls_version)
-
-    def context(self) -> ssl.SSLContext | None:
-        return self.service.tls.get(self.context_key)
+    def key_for(self, config: InboundConfig | OutboundConfig) -> ContextKey:
+        return ContextKey(config.identity, "client", config.min_tls_version)
 
     def protocol(self) -> Side:
         return Side(OutboundConnection(self))
 
-    # -- TLS sessions ----------------------------------------------------------------
-
-    def store(self, context: ssl.SSLContext, session: ssl.SSLSession) -> None:
-        """Keep the newest resumable session (it only works with its own context)."""
-        self._session = (context, session)
-
-    def session_for(self, context: ssl.SSLContext) -> ssl.SSLSession | None:
-        if self._session is not None and self._session[0] is context:
-            return self._session[1]
-        return None
+    # -- TLS ---------------------------------------------------------------------------
 
     def start_tls(self, side: TlsSide, context: ssl.SSLContext) -> None:
-        side.ticket_sink = self
-        side.start_tls(
-            context,
-            server_side=False,
-            server_hostname=self.config.server_name,
-            session=self.session_for(context),
-        )
+        side.connect_tls(context, self.tickets, self.config.server_name)
+
+    def handshake_refused(self, side: TlsSide) -> None:
+        self.record_handshake("refused")
+        self.forget_tickets(side)
+
+    def forget_tickets(self, side: TlsSide) -> None:
+        """After a refused resumption: the other tickets carry the same certificates."""
+        if side.offered_ticket:
+            self.tickets.clear()
 
     def check_server(self, side: TlsSide) -> Peer:
         """The verified server, if it is the one expected; Refusal otherwise."""
@@ -108,7 +100,7 @@ class OutboundListener(Listener):
             config.expect,
             config.server_name,
         ):
-            self._session = None
+            self.tickets.clear()
             self.pool.flush()
         self.pool.refill()
 
@@ -162,7 +154,7 @@ class OutboundConnection(Connection):
         try:
             await self.loop.create_connection(self._server_side, target.host, target.port)
         except OSError as exc:
-            self.refuse(
+            self.connect_failed(
                 Refusal(
                     "upstream_unreachable",
                     f"cannot connect to {target}: {exc.strerror or exc}",
@@ -175,8 +167,13 @@ class OutboundConnection(Connection):
         return side
 
     def handshake_failed(self, side: TlsSide, refusal: Refusal) -> None:
-        self.listener.record_handshake("refused")
+        self.listener.handshake_refused(side)
         self.refuse(refusal)
+
+    def side_error(self, side: Side, error: Refusal) -> None:
+        if side is self.up and isinstance(side, TlsSide) and side.received == 0:
+            self.listener.forget_tickets(side)  # the server refused us after its Finished
+        super().side_error(side, error)
 
     def handshake_done(self, side: TlsSide) -> None:
         try:

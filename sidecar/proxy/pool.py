@@ -18,7 +18,8 @@ import ssl
 from typing import TYPE_CHECKING
 
 from sidecar.proxy.peer import Peer, Refusal
-from sidecar.proxy.relay import Side, TlsSide
+from sidecar.proxy.relay import Side
+from sidecar.proxy.tls_side import TlsSide
 
 if TYPE_CHECKING:
     from sidecar.proxy.outbound import OutboundListener
@@ -60,8 +61,8 @@ class PooledUpstream:
 
     def handshake_failed(self, side: TlsSide, refusal: Refusal) -> None:
         listener = self.pool.listener
-        listener.record_handshake("refused")
-        listener.service.metrics.refused.labels(listener.name, refusal.reason).inc()
+        listener.handshake_refused(side)
+        listener.counters.refused(refusal.reason)
         log.warning(
             "outbound listener %s: pooled connection to %s refused: %s",
             listener.name,

@@ -1,12 +1,15 @@
 """The byte pump: two asyncio Protocols ("sides") joined back to back.
 
-A `Side` is one TCP or Unix connection carrying plaintext; a `TlsSide` runs TLS itself on
-top of a plain transport (an `ssl.SSLObject` over memory BIOs), because asyncio's own TLS
-transports can neither half-close nor resume sessions. Once `link(a, b)` joins two sides,
-every read on one is written straight to the other:
+A `Side` is one TCP or Unix connection carrying plaintext; a `TlsSide` (`tls_side.py`)
+runs TLS itself on top of a plain transport (an `ssl.SSLObject` over memory BIOs), because
+asyncio's own TLS transports can neither half-close nor resume sessions. Once
+`link(a, b)` joins two sides, every read on one is written straight to the other:
 
-* large reads (the event loop's 256 KiB), one `write` per read; decrypted data goes into a
-  fresh buffer per read, so no buffer is ever reused while a transport may still hold it;
+* large reads (256 KiB) straight into one buffer the whole process shares (the sides are
+  `BufferedProtocol`s): whatever reads it consumes the bytes before returning (OpenSSL
+  encrypts them, or the memory BIO copies the ciphertext in), so the event loop allocates
+  and copies nothing per read; decrypted data comes out as one bytes object per TLS record
+  and goes out in one `writelines` (one `writev`) per read;
 * back-pressure: when a side's transport buffer passes its high-water mark, the other
   side stops reading until it drains (`pause_writing`/`resume_writing`); nothing is
   buffered without bound, not even before the link (a side that gets data early keeps one
@@ -22,15 +25,20 @@ what a finished handshake, an EOF or a lost connection means.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ssl
-from typing import Protocol, cast
+from typing import TYPE_CHECKING, Protocol, cast
 
-from sidecar.proxy.peer import Refusal, refusal_from_ssl_error
+from sidecar.proxy.peer import Refusal
+
+if TYPE_CHECKING:
+    from sidecar.proxy.tls_side import TlsSide
 
 WRITE_HIGH_WATER = 1024 * 1024
 WRITE_LOW_WATER = 256 * 1024
-TLS_RECORD_MAX = 16384 + 2048  # plaintext of one record, with room to spare
+READ_SIZE = 256 * 1024
+
+# Every read of every side lands here, and is consumed before the next one can happen
+# (one thread; get_buffer, the read and buffer_updated run back to back).
+READ_BUFFER = memoryview(bytearray(READ_SIZE))
 
 
 class Owner(Protocol):
@@ -57,7 +65,7 @@ def resume(transport: asyncio.BaseTransport | None) -> None:
         transport.resume_reading()  # type: ignore[attr-defined]
 
 
-class Side(asyncio.Protocol):
+class Side(asyncio.BufferedProtocol):
     """A plaintext connection (TCP or Unix)."""
 
     __slots__ = (
@@ -81,7 +89,7 @@ class Side(asyncio.Protocol):
         self.eof_out = False  # we ended the direction towards this side
         self.write_paused = False
         self.lost = False
-        self.pending: list[bytes | memoryview] = []  # read before the link
+        self.pending: list[bytes] = []  # read before the link
 
     # -- asyncio.Protocol ------------------------------------------------------------
 
@@ -92,13 +100,18 @@ class Side(asyncio.Protocol):
         transport.set_write_buffer_limits(WRITE_HIGH_WATER, WRITE_LOW_WATER)
         self.owner.side_made(self)
 
-    def data_received(self, data: bytes) -> None:
-        self.received += len(data)
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return READ_BUFFER
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.received += nbytes
         peer = self.peer
-        if peer is not None:
-            peer.send(data)
+        if peer is None:
+            self.hold(bytes(READ_BUFFER[:nbytes]))
+        elif peer.consumes:
+            peer.send(READ_BUFFER[:nbytes])
         else:
-            self.hold(data)
+            peer.send(bytes(READ_BUFFER[:nbytes]))
 
     def eof_received(self) -> bool:
         self.ended()
@@ -120,7 +133,7 @@ class Side(asyncio.Protocol):
 
     # -- used by the other side and the owner ---------------------------------------
 
-    def hold(self, data: bytes | memoryview) -> None:
+    def hold(self, data: bytes) -> None:
         """Keep data read before the link, and stop reading until then."""
         self.pending.append(data)
         pause(self.transport)
@@ -134,9 +147,17 @@ class Side(asyncio.Protocol):
             self.peer.send_eof()
         self.owner.side_eof(self)
 
+    # Whether send() is done with its data when it returns (then a shared buffer may be
+    # passed): not here, a transport may keep what it could not write yet.
+    consumes = False
+
     def send(self, data: bytes | memoryview) -> None:
         assert self.transport is not None
         self.transport.write(data)
+
+    def send_all(self, chunks: list[bytes]) -> None:
+        assert self.transport is not None
+        self.transport.writelines(chunks)
 
     def send_eof(self) -> None:
         transport = self.transport
@@ -159,176 +180,6 @@ class Side(asyncio.Protocol):
 
     def address(self, name: str = "peername") -> object:
         return None if self.transport is None else self.transport.get_extra_info(name)
-
-
-class TlsSide(Side):
-    """A TLS connection; `start_tls` begins the handshake (the client speaks first)."""
-
-    __slots__ = ("handshaking", "incoming", "outgoing", "server_side", "sslobj", "ticket_sink")
-
-    def __init__(self, owner: Owner) -> None:
-        super().__init__(owner)
-        self.sslobj: ssl.SSLObject | None = None
-        self.incoming = ssl.MemoryBIO()
-        self.outgoing = ssl.MemoryBIO()
-        self.handshaking = False
-        self.server_side = False
-        # Called once with the first resumable session the server sends (client side).
-        self.ticket_sink: _TicketSink | None = None
-
-    def start_tls(
-        self,
-        context: ssl.SSLContext,
-        *,
-        server_side: bool,
-        server_hostname: str | None = None,
-        session: ssl.SSLSession | None = None,
-    ) -> None:
-        self.server_side = server_side
-        self.sslobj = context.wrap_bio(
-            self.incoming,
-            self.outgoing,
-            server_side=server_side,
-            server_hostname=server_hostname,
-            session=session,
-        )
-        self.handshaking = True
-        if not server_side:
-            self._handshake()
-
-    # -- asyncio.Protocol ------------------------------------------------------------
-
-    def data_received(self, data: bytes) -> None:
-        if self.sslobj is None or self.transport is None or self.transport.is_closing():
-            return
-        self.incoming.write(data)
-        if self.handshaking:
-            self._handshake()
-            if self.handshaking or self.transport.is_closing():
-                return
-        self._decrypt()
-
-    def eof_received(self) -> bool:
-        if self.handshaking or self.sslobj is None:
-            self.handshaking = False
-            self.owner.handshake_failed(
-                self,
-                Refusal(
-                    "connection_closed",
-                    f"the {'client' if self.server_side else 'server'} closed the connection "
-                    "during the TLS handshake",
-                ),
-            )
-            return False
-        # A TCP FIN without close_notify: treated as the end of the peer's direction.
-        self.ended()
-        return True
-
-    # -- TLS ----------------------------------------------------------------------------
-
-    def _flush(self) -> None:
-        if self.outgoing.pending and self.transport is not None:
-            self.transport.write(self.outgoing.read())
-
-    def _handshake(self) -> None:
-        assert self.sslobj is not None
-        try:
-            self.sslobj.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
-        except ssl.SSLError as exc:
-            self.handshaking = False
-            self._flush()  # the alert, so the peer learns why
-            self.owner.handshake_failed(
-                self, refusal_from_ssl_error(exc, server_side=self.server_side)
-            )
-            return
-        self.handshaking = False
-        self._flush()
-        self.owner.handshake_done(self)
-
-    def _decrypt(self) -> None:
-        sslobj = self.sslobj
-        assert sslobj is not None
-        buf = bytearray(self.incoming.pending + TLS_RECORD_MAX)
-        view = memoryview(buf)
-        size = len(buf)
-        off = 0
-        eof = False
-        error: ssl.SSLError | None = None
-        try:
-            while True:
-                if off == size:
-                    self._deliver(view[:off])
-                    buf = bytearray(self.incoming.pending + TLS_RECORD_MAX)
-                    view, size, off = memoryview(buf), len(buf), 0
-                # With a buffer, read() returns the number of bytes read into it.
-                n = cast(int, sslobj.read(size - off, view[off:]))
-                if n == 0:
-                    eof = True
-                    break
-                off += n
-        except ssl.SSLWantReadError:
-            pass
-        except ssl.SSLZeroReturnError:
-            eof = True
-        except ssl.SSLError as exc:
-            error = exc
-        if off:
-            self._deliver(view[:off])
-        if self.outgoing.pending:
-            self._flush()
-        if self.ticket_sink is not None:
-            session = sslobj.session
-            if session is not None and session.has_ticket:
-                self.ticket_sink.store(sslobj.context, session)
-                self.ticket_sink = None
-        if error is not None:
-            self.owner.side_error(self, refusal_from_ssl_error(error, server_side=self.server_side))
-        elif eof:
-            self.ended()
-
-    def _deliver(self, data: memoryview) -> None:
-        self.received += len(data)
-        peer = self.peer
-        if peer is not None:
-            peer.send(data)
-        else:
-            self.hold(data)
-
-    # -- used by the other side and the owner ---------------------------------------
-
-    def send(self, data: bytes | memoryview) -> None:
-        sslobj = self.sslobj
-        assert sslobj is not None
-        assert self.transport is not None
-        try:
-            sslobj.write(data)
-        except ssl.SSLError as exc:
-            self.owner.side_error(self, refusal_from_ssl_error(exc, server_side=self.server_side))
-            return
-        self.transport.write(self.outgoing.read())
-
-    def send_eof(self) -> None:
-        transport = self.transport
-        if self.eof_out or transport is None or transport.is_closing():
-            return
-        self.eof_out = True
-        if self.sslobj is not None and not self.handshaking:
-            with contextlib.suppress(ssl.SSLError):
-                self.sslobj.unwrap()  # close_notify; the peer's direction stays open
-            self._flush()
-        transport.write_eof()
-
-    def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.send_eof()
-            self.transport.close()
-
-
-class _TicketSink(Protocol):
-    def store(self, context: ssl.SSLContext, session: ssl.SSLSession) -> None: ...
 
 
 def link(a: Side, b: Side) -> None:

@@ -19,15 +19,17 @@ import contextlib
 import logging
 import resource
 from collections.abc import AsyncIterator, Iterator
-from typing import Protocol
+from typing import Literal, Protocol
 
 from meshtls.clock import Clock, SystemClock
 from sidecar.errors import SidecarError
 from sidecar.identity.model import Snapshot
+from sidecar.proxy import native_tls
 from sidecar.proxy.config import InboundConfig, OutboundConfig, ProxyConfig
 from sidecar.proxy.inbound import InboundListener
 from sidecar.proxy.listener import Listener
 from sidecar.proxy.metrics import ListenerStats, ProxyMetrics
+from sidecar.proxy.native_tls import NativeTls
 from sidecar.proxy.outbound import OutboundListener
 from sidecar.proxy.tls import ContextKey, TlsContexts
 
@@ -97,13 +99,19 @@ def _warn_unsafe(config: ProxyConfig) -> None:
 
 class ProxyService:
     def __init__(
-        self, config: ProxyConfig, *, metrics: ProxyMetrics, clock: Clock | None = None
+        self,
+        config: ProxyConfig,
+        *,
+        metrics: ProxyMetrics,
+        clock: Clock | None = None,
+        native: NativeTls | Literal["auto"] | None = "auto",
     ) -> None:
         self.config = config
         self.metrics = metrics
         # TLS checks validity against real time (OpenSSL does), so should the proxy.
         self.clock: Clock = clock or SystemClock()
-        self.tls = TlsContexts()
+        # The native TLS helpers when they work here ("auto"), or None: Python's defaults.
+        self.tls = TlsContexts(native_tls.load() if native == "auto" else native)
         self.listeners: dict[str, Listener] = {}
         self._retiring: set[asyncio.Task[None]] = set()
         self._retired: set[Listener] = set()

@@ -2,11 +2,17 @@
 
 Settings (both directions): TLS 1.3 by default, 1.2 allowed by config; TLS 1.2 suites are
 ECDHE with AES-GCM or ChaCha20-Poly1305 only (every TLS 1.3 suite is AEAD); key exchange
-ECDHE over P-256 only (Python 3.11's `ssl` can set one curve, and doing so also excludes
-the finite-field groups OpenSSL 3 would otherwise accept in TLS 1.3); no compression, no
-renegotiation; the peer's chain is verified against the current trust bundle (roots only,
-no partial chains) and a client certificate is required on the server side. Host names are
-not checked: the peer is identified by the SPIFFE ID in its certificate (`peer.py`).
+ECDHE only: X25519 then P-256 where the native helpers work (`native_tls.py`, which also
+puts AES-128-GCM first among the TLS 1.3 suites), else P-256 alone (Python 3.11's `ssl`
+sets one curve); either way the finite-field groups OpenSSL 3 would otherwise accept in
+TLS 1.3 are excluded. No compression, no renegotiation; the peer's chain is verified
+against the current trust bundle (roots only, no partial chains) and a client certificate
+is required on the server side. Host names are not checked: the peer is identified by the
+SPIFFE ID in its certificate (`peer.py`).
+
+Resumption: servers issue one stateful TLS 1.3 ticket per handshake (`OP_NO_TICKET`: the
+ticket names a session kept in the context's cache, so resuming needs no decryption and no
+certificate decoding; each ticket is good once). Clients keep them (`sessions.py`).
 
 Python's `ssl` loads a certificate and key only from a file, so the PEM goes through an
 anonymous memory file (`memfd_create`, read via /proc/self/fd/N): keys never touch a disk.
@@ -30,6 +36,7 @@ from meshtls.identity.ids import SpiffeId
 from meshtls.identity.x509 import CertificateError, normalize_serial
 from sidecar.identity.model import Snapshot, Svid, TrustBundle
 from sidecar.proxy.config import TlsVersion
+from sidecar.proxy.native_tls import NativeTls, NativeTlsError
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +54,11 @@ class ContextKey:
 
 
 def build_context(
-    role: Role, svid: Svid, bundle: TrustBundle, min_version: TlsVersion
+    role: Role,
+    svid: Svid,
+    bundle: TrustBundle,
+    min_version: TlsVersion,
+    native: NativeTls | None = None,
 ) -> ssl.SSLContext:
     """A context presenting `svid` and verifying peers against `bundle`."""
     protocol = ssl.PROTOCOL_TLS_SERVER if role == "server" else ssl.PROTOCOL_TLS_CLIENT
@@ -56,15 +67,35 @@ def build_context(
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
     if role == "server":
-        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE
-        ctx.num_tickets = 1  # a client keeps one session per listener; each costs a ticket
+        # Stateful single-use tickets, one per handshake (see the module docstring).
+        ctx.options |= ssl.OP_CIPHER_SERVER_PREFERENCE | ssl.OP_NO_TICKET
+        ctx.num_tickets = 1
     ctx.set_ciphers(TLS12_CIPHERS)
     ctx.set_ecdh_curve(KEY_EXCHANGE_CURVE)
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=bundle.der())
     load_identity(ctx, svid)
+    if native is not None:
+        try:
+            native.tune(ctx)
+        except NativeTlsError as exc:
+            _warn_untuned(exc)
     return ctx
+
+
+_warned = False
+
+
+def _warn_untuned(exc: NativeTlsError) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        log.warning(
+            "a TLS context keeps Python's defaults (P-256 only, OpenSSL's suite order): %s",
+            exc,
+            extra={"error": str(exc)},
+        )
 
 
 def load_identity(ctx: ssl.SSLContext, svid: Svid) -> None:
@@ -94,7 +125,8 @@ def revoked_serials(snapshot: Snapshot) -> frozenset[str]:
 class TlsContexts:
     """The contexts for the identities the listeners use, plus the revoked serials."""
 
-    def __init__(self) -> None:
+    def __init__(self, native: NativeTls | None = None) -> None:
+        self.native = native  # None: Python's defaults (see native_tls.py)
         self._contexts: dict[ContextKey, ssl.SSLContext] = {}
         self._material: dict[ContextKey, tuple[str, tuple[str, ...]]] = {}
         self.revoked: frozenset[str] = frozenset()
@@ -128,7 +160,7 @@ class TlsContexts:
             if self._material.get(key) == material:
                 continue
             try:
-                ctx = build_context(key.role, ident.svid, bundle, key.min_version)
+                ctx = build_context(key.role, ident.svid, bundle, key.min_version, self.native)
             except (ssl.SSLError, OSError, ValueError) as exc:
                 log.error(
                     "cannot build a TLS context; keeping the previous one",

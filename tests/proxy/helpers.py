@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from prometheus_client import CollectorRegistry
 
@@ -25,6 +25,7 @@ from sidecar.identity.model import Snapshot, WorkloadIdentity
 from sidecar.identity.publisher import SnapshotPublisher
 from sidecar.proxy.config import ProxyConfig, parse_proxy
 from sidecar.proxy.metrics import ProxyMetrics
+from sidecar.proxy.native_tls import NativeTls
 from sidecar.proxy.service import ProxyService
 from tests.sidecar.helpers import make_bundle, make_identity, wait_for
 from tests.support.pki import Issued, ThrowawayCA
@@ -99,8 +100,12 @@ class Mesh:
             )
         )
 
-    async def serve(self, **document: Any) -> ProxyService:
-        service = ProxyService(parse(document, self.tmp_path), metrics=self.metrics)
+    async def serve(
+        self, *, native: NativeTls | Literal["auto"] | None = "auto", **document: Any
+    ) -> ProxyService:
+        """A proxy service with the listener sections `document`; `native=None` runs it
+        on Python's TLS defaults (see sidecar/proxy/native_tls.py)."""
+        service = ProxyService(parse(document, self.tmp_path), metrics=self.metrics, native=native)
         await service.start(self.publisher)
         self.services.append(service)
         return service

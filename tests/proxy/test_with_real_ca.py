@@ -7,44 +7,24 @@ replacement, keeps working."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import Any
 
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from meshtls.identity.ids import SpiffeId
-from sidecar.app import SidecarApp
-from tests.proxy.helpers import API, WEB, App, http_whoami, inbound, outbound, s_client
-from tests.sidecar.helpers import config_from, sidecar_document, wait_for
-from tests.support.ca import RunningCA, running_ca
-
-
-@asynccontextmanager
-async def sidecar(
-    stack: AsyncExitStack, tmp_path: Path, ca: RunningCA, node: str, **proxy: Any
-) -> AsyncIterator[SidecarApp]:
-    home = tmp_path / node
-    home.mkdir()
-    bundle = home / "bundle.pem"
-    bundle.write_bytes(ca.bundle_pem)
-    token = home / "token"
-    token.write_text(await ca.create_join_token(node))
-    doc = sidecar_document(
-        home,
-        agent_address=ca.agent_address,
-        enroll_address=ca.enroll_address,
-        bundle_path=bundle,
-        node=node,
-        token_file=token,
-    )
-    doc.update(proxy)
-    app = SidecarApp(config_from(home, doc))
-    await app.start()
-    stack.push_async_callback(app.stop)
-    await wait_for(lambda: app.manager.readiness()[0], within=20, what=f"{node} ready")
-    yield app
+from tests.proxy.helpers import (
+    API,
+    WEB,
+    App,
+    http_whoami,
+    inbound,
+    outbound,
+    s_client,
+)
+from tests.proxy.real import real_sidecar, sample
+from tests.sidecar.helpers import wait_for
+from tests.support.ca import running_ca
 
 
 async def curl(port: int) -> str:
@@ -62,11 +42,6 @@ async def curl(port: int) -> str:
     return out.decode()
 
 
-def sample(app: SidecarApp, name: str, **labels: str) -> float:
-    value = app.metrics.registry.get_sample_value(name, labels)
-    return 0.0 if value is None else value
-
-
 async def test_two_sidecars_carry_a_request_and_refuse_a_revoked_certificate(
     tmp_path: Path,
 ) -> None:
@@ -76,13 +51,12 @@ async def test_two_sidecars_carry_a_request_and_refuse_a_revoked_certificate(
         whoami = await App(http_whoami, proxy_protocol=True).start()
         inbound_cfg = inbound("web", whoami.address, [API], proxy_protocol=True)
         web = await stack.enter_async_context(
-            sidecar(stack, tmp_path, ca, "web-1", inbound=[inbound_cfg])
+            real_sidecar(tmp_path, ca, "web-1", inbound=[inbound_cfg])
         )
         web_bound = web.proxy.listeners["web"].bound
         assert web_bound is not None
         api = await stack.enter_async_context(
-            sidecar(
-                stack,
+            real_sidecar(
                 tmp_path,
                 ca,
                 "api-1",
