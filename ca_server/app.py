@@ -20,6 +20,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 import meshtls
 from ca_server.api.admin import AdminServicer, ServerInfo, spiffe_id_admin, unix_socket_admin
 from ca_server.api.agent import AgentServicer
+from ca_server.api.health_port import ProbeHealthServicer, build_health_port
 from ca_server.api.http import build_status_server
 from ca_server.api.server import (
     ADMIN_SERVICE,
@@ -130,6 +131,8 @@ class CAServer:
         self.addresses: BoundAddresses | None = None
         self._servers: list[grpc.aio.Server] = []
         self._health: list = []  # type: ignore[type-arg]
+        self._probe_health: ProbeHealthServicer | None = None
+        self.health_port: int | None = None  # the gRPC probe port, when health_listen is set
         self._store: Store | None = None
         self._writer: GroupCommitWriter | None = None
         self._http: StatusServer | None = None
@@ -347,6 +350,19 @@ class CAServer:
             self._servers.append(admin)
             self._health.append(admin_health)
             await mark_serving(admin_health, [ADMIN_SERVICE])
+        if config.health_listen is not None and not self._worker:
+            probe, self._probe_health, probe_port = build_health_port(
+                ctx, str(config.health_listen)
+            )
+            if not probe_port:
+                raise ConfigError(f"cannot listen on health_listen {config.health_listen}")
+            await probe.start()
+            self._servers.append(probe)
+            log.info(
+                "gRPC health probe port serving",
+                extra={"health_address": f"{config.health_listen.host}:{probe_port}"},
+            )
+            self.health_port = probe_port
         http_address = None
         if config.http_listen is not None and not self._worker:
             self._http = build_status_server(ctx, config.http_listen.host, config.http_listen.port)
@@ -371,6 +387,9 @@ class CAServer:
         return self.addresses
 
     async def stop(self, grace: float = 5.0) -> None:
+        if self._probe_health is not None:
+            self._probe_health.stopping = True
+            self._probe_health = None
         for health_servicer in self._health:
             await health_servicer.enter_graceful_shutdown()
         if self._scheduler is not None:

@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--enroll-listen", help="enrollment listener HOST:PORT (TLS), default 127.0.0.1:8444"
     )
     serve.add_argument("--http-listen", help="/healthz /readyz /metrics HOST:PORT or 'off'")
+    serve.add_argument(
+        "--health-listen", help="plaintext gRPC health port for probes HOST:PORT or 'off'"
+    )
     serve.add_argument("--kek-file", type=Path, help="key-encryption key file (base64, mode 0600)")
     serve.add_argument(
         "--dev",
@@ -92,6 +95,7 @@ def _config_from(args: argparse.Namespace) -> config_module.CAConfig:
         "listen": getattr(args, "listen", None),
         "enroll_listen": getattr(args, "enroll_listen", None),
         "http_listen": getattr(args, "http_listen", None),
+        "health_listen": getattr(args, "health_listen", None),
         "kek_file": getattr(args, "kek_file", None),
         "dev": getattr(args, "dev", None),
     }

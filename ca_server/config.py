@@ -85,6 +85,9 @@ class CAConfig:
     enroll_listen: HostPort = HostPort("127.0.0.1", 8444)
     # Plain HTTP on loopback: /healthz, /readyz, /metrics.
     http_listen: HostPort | None = HostPort("127.0.0.1", 8480)
+    # Plaintext gRPC health checking only, for probes that cannot speak TLS (the kubelet's
+    # grpc probe); off unless set.
+    health_listen: HostPort | None = None
     admin_socket: Path | None = None  # default: <data_dir>/admin.sock
     admin_spiffe_ids: tuple[str, ...] = ()
     database_url: str | None = None  # default: SQLite file <data_dir>/ca.db
@@ -161,7 +164,7 @@ _BOOLS = {"migrate_on_start", "dev", "allow_public_listen"}
 _LISTS = {"admin_spiffe_ids", "server_dns_names", "server_ip_addresses"}
 _INTS = {"max_message_bytes", "max_csrs_per_batch", "rate_limit_burst"}
 _FLOATS = {"rate_limit_per_node", "signing_rate_limit"}
-_ADDRESSES = {"listen", "enroll_listen", "http_listen"}
+_ADDRESSES = {"listen", "enroll_listen", "http_listen", "health_listen"}
 _STRINGS = {"trust_domain", "database_url"}
 _UPSTREAM_KEYS = ("cert_file", "key_file", "chain_file")
 _KUBERNETES_KEYS = ("api_server", "ca_file", "token_file", "audience", "allowed_service_accounts")
@@ -205,7 +208,11 @@ def _convert(key: str, value: Any) -> Any:
         except (TypeError, ValueError):
             raise ConfigError(f"{key}: expected a number, got {value!r}") from None
     if key in _ADDRESSES:
-        if key == "http_listen" and str(value).strip().lower() in {"", "off", "none"}:
+        if key in {"http_listen", "health_listen"} and str(value).strip().lower() in {
+            "",
+            "off",
+            "none",
+        }:
             return None
         return HostPort.parse(str(value), what=key)
     if key == "upstream":
@@ -368,6 +375,12 @@ def validate(config: CAConfig) -> None:
     if http is not None and not http.is_loopback and not config.allow_public_listen:
         raise ConfigError(
             f"http_listen: {http} is not a loopback address and the metrics endpoint has no "
+            "authentication; set allow_public_listen: true to expose it anyway"
+        )
+    health = config.health_listen
+    if health is not None and not health.is_loopback and not config.allow_public_listen:
+        raise ConfigError(
+            f"health_listen: {health} is not a loopback address and the probe port has no "
             "authentication; set allow_public_listen: true to expose it anyway"
         )
     for ip in config.server_ip_addresses:

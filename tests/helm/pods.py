@@ -148,8 +148,14 @@ class Container:
         return int(ports[name_or_number])
 
     def probe_url(self, probe: str) -> str:
-        get = self.spec[probe]["httpGet"]
-        host = get.get("host", "127.0.0.1")  # the pod's address: here, this machine's
+        """`http://host:port/path` for an httpGet probe, `grpc://127.0.0.1:port/service`
+        for a grpc probe (the pod's address: here, this machine's)."""
+        spec = self.spec[probe]
+        if "grpc" in spec:
+            grpc_probe = spec["grpc"]
+            return f"grpc://127.0.0.1:{int(grpc_probe['port'])}/{grpc_probe.get('service', '')}"
+        get = spec["httpGet"]
+        host = get.get("host", "127.0.0.1")
         return f"http://{host}:{self.port(get['port'])}{get['path']}"
 
 

@@ -29,8 +29,10 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.helm.chart import NAMESPACE, config_file, merge, notes, render, user_values
 from tests.helm.pods import Container
@@ -53,6 +55,18 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _http_status(url: str) -> int:
+    """What the kubelet would see: the HTTP status, or 200/503 for a gRPC health check
+    answered SERVING/anything else (as a `grpc://host:port/service` URL)."""
+    if url.startswith("grpc://"):
+        address, _, service = url.removeprefix("grpc://").partition("/")
+        with grpc.insecure_channel(address) as channel:
+            try:
+                answer = health_pb2_grpc.HealthStub(channel).Check(
+                    health_pb2.HealthCheckRequest(service=service), timeout=2
+                )
+            except grpc.RpcError:
+                return 503
+        return 200 if answer.status == health_pb2.HealthCheckResponse.SERVING else 503
     try:
         with urllib.request.urlopen(url, timeout=2) as reply:  # noqa: S310 - http to loopback
             return int(reply.status)
@@ -142,13 +156,18 @@ async def _ready(
 async def test_rendered_ca_and_agent_run_and_the_agent_enrolls_with_its_token(
     root: Path, api: StandInApiServer
 ) -> None:
-    agent_port, enroll_port, http_port, status_port, inbound_port = _free_ports(5)
+    agent_port, enroll_port, http_port, health_port, status_port, inbound_port = _free_ports(6)
     values = user_values(
         {
             "global": {"logFormat": "text"},
             "ca": {
                 "bindAddress": "127.0.0.1",
-                "ports": {"agent": agent_port, "enroll": enroll_port, "http": http_port},
+                "ports": {
+                    "agent": agent_port,
+                    "enroll": enroll_port,
+                    "http": http_port,
+                    "health": health_port,
+                },
             },
             "agent": {
                 "statusPort": status_port,

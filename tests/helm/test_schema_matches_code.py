@@ -20,6 +20,7 @@ MANAGED = {
     "listen",
     "enroll_listen",
     "http_listen",
+    "health_listen",
     "allow_public_listen",
     "server_dns_names",
     "admin_spiffe_ids",
