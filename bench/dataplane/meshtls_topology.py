@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench.dataplane.pki import BenchPki
-from bench.dataplane.processes import free_port, start, stop, wait_listening
+from bench.dataplane.processes import free_port, start, stop, wait_listening, wait_until
 from bench.issuance import BIN, TD, CAProcess
 from meshtls.identity.pem import certs_from_der, certs_to_pem
 from meshtls.v1 import admin_pb2, admin_pb2_grpc, types_pb2
@@ -42,20 +41,11 @@ async def _register(ca: CAProcess) -> tuple[bytes, str, str]:
 
 
 def _wait_ready(url: str, procs: list[subprocess.Popen[bytes]], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while True:
-        for proc in procs:
-            if proc.poll() is not None:
-                raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} while starting")
-        try:
-            with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - loopback
-                if answer.status == 200:
-                    return
-        except OSError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"{url} not ready after {timeout} s")
-        time.sleep(0.1)
+    def ready() -> bool:
+        with urllib.request.urlopen(url, timeout=2) as answer:  # noqa: S310 - loopback
+            return bool(answer.status == 200)
+
+    wait_until(ready, f"{url} not ready", procs, timeout)
 
 
 class Meshtls:

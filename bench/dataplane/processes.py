@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -16,20 +17,36 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_listening(port: int, procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
-    """Poll until something accepts on 127.0.0.1:`port`; fail if a process died."""
+def wait_until(
+    check: Callable[[], bool],
+    what: str,
+    procs: list[subprocess.Popen[bytes]],
+    timeout: float = 30,
+) -> None:
+    """Poll `check` (an OSError counts as not yet) until it holds; fail if a process died."""
     deadline = time.monotonic() + timeout
     while True:
         for proc in procs:
             if proc.poll() is not None:
                 raise RuntimeError(f"{proc.args!r} exited with {proc.returncode} while starting")
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
+            if check():
                 return
         except OSError:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"nothing listens on port {port} after {timeout} s") from None
-            time.sleep(0.05)
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{what} after {timeout} s")
+        time.sleep(0.05)
+
+
+def wait_listening(port: int, procs: list[subprocess.Popen[bytes]], timeout: float = 30) -> None:
+    """Poll until something accepts on 127.0.0.1:`port`; fail if a process died."""
+
+    def accepts() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1):
+            return True
+
+    wait_until(accepts, f"nothing listens on port {port}", procs, timeout)
 
 
 def start(args: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:

@@ -14,7 +14,7 @@ from sidecar.proxy.access_log import log_audit_denied
 from sidecar.proxy.config import InboundConfig, OutboundConfig, UnixAddress
 from sidecar.proxy.connection import Connection
 from sidecar.proxy.listener import Listener
-from sidecar.proxy.peer import Peer, Refusal, peer_of
+from sidecar.proxy.peer import Peer, Refusal, no_identity, peer_of
 from sidecar.proxy.proxy_protocol import encode_v2
 from sidecar.proxy.relay import Side, pause
 from sidecar.proxy.tls import ContextKey
@@ -49,13 +49,7 @@ class InboundConnection(Connection):
                 return
             context = self.listener.context()
             if context is None:
-                self.refuse(
-                    Refusal(
-                        "no_identity",
-                        f"this sidecar holds no certificate for {self.config.identity} yet "
-                        "(is a registration entry for it assigned to this node?)",
-                    )
-                )
+                self.refuse(no_identity(self.config.identity))
                 return
             side.start_tls(context, self.listener.service.tls.native)
         # The app side: nothing to do until the connect coroutine returns.

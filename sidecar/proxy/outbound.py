@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from sidecar.proxy.config import InboundConfig, OutboundConfig
 from sidecar.proxy.connection import Connection
 from sidecar.proxy.listener import Listener
-from sidecar.proxy.peer import Peer, Refusal, peer_of
+from sidecar.proxy.peer import Peer, Refusal, no_identity, peer_of
 from sidecar.proxy.pool import UpstreamPool
 from sidecar.proxy.relay import Side, pause
 from sidecar.proxy.sessions import TicketStore
@@ -126,13 +126,7 @@ class OutboundConnection(Connection):
             pause(side.transport)  # nothing flows until the server is verified
             self.context = self.listener.context()
             if self.context is None:
-                self.refuse(
-                    Refusal(
-                        "no_identity",
-                        f"this sidecar holds no certificate for {self.config.identity} yet "
-                        "(is a registration entry for it assigned to this node?)",
-                    )
-                )
+                self.refuse(no_identity(self.config.identity))
                 return
             pooled = self.listener.pool.take(self.context)
             if pooled is not None:

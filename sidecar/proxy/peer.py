@@ -141,6 +141,15 @@ _CIPHER_REASONS = {
 _ALERT_PREFIXES = ("TLSV1_ALERT_", "SSLV3_ALERT_", "TLSV13_ALERT_", "TLSV1_UNRECOGNIZED_NAME")
 
 
+def no_identity(identity: object) -> Refusal:
+    """A listener whose own certificate is not held (yet)."""
+    return Refusal(
+        "no_identity",
+        f"this sidecar holds no certificate for {identity} yet "
+        "(is a registration entry for it assigned to this node?)",
+    )
+
+
 def refusal_from_ssl_error(exc: ssl.SSLError, *, server_side: bool) -> Refusal:
     """Translate OpenSSL's verdict into a reason label and a sentence."""
     who = "client" if server_side else "server"
