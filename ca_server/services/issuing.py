@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -9,13 +10,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
+from ca_server.authority.leaf_der import der_to_pem
 from ca_server.authority.signer import Signer
 from ca_server.db.tx import Tx
 from ca_server.domain import AuditEvent, CertificateKind, CertificateRecord
 from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.writer import Refused
 from meshtls.identity.ids import SpiffeId
-from meshtls.identity.x509 import CertificateError, fingerprint_sha256, load_csr, serial_hex
+from meshtls.identity.x509 import CertificateError, load_csr, serial_hex
 
 
 @dataclass(frozen=True)
@@ -84,16 +86,17 @@ def issue(
         dns_names=tuple(dns_names),
         ip_addresses=tuple(ip_addresses),
     )
+    der = cert.public_bytes(serialization.Encoding.DER)
     record = CertificateRecord(
         serial=serial_hex(cert),
         spiffe_id=str(spiffe_id),
         node_name=node_name,
         kind=kind,
         entry_id=entry_id,
-        fingerprint_sha256=fingerprint_sha256(cert),
+        fingerprint_sha256=hashlib.sha256(der).hexdigest(),
         not_before=cert.not_valid_before_utc.timestamp(),
         not_after=cert.not_valid_after_utc.timestamp(),
-        pem=cert.public_bytes(serialization.Encoding.PEM).decode(),
+        pem=der_to_pem(der),
         issuer_id=signer.authority_id,
         issued_at=now,
     )

@@ -1,0 +1,258 @@
+"""The X509-SVID leaf encoded straight to DER from a per-signer template: the hot path of
+issuance.
+
+`cryptography`'s `CertificateBuilder` spends about twice as long building Python objects
+and encoding them as signing itself takes. Every leaf a signer issues shares most of its
+TBSCertificate (version, signature algorithm, issuer name, empty subject, the fixed
+extensions, the authority key identifier), so `LeafEncoder` keeps those as bytes and
+encodes only what changes: serial, validity, public key, subject key identifier and SANs.
+
+It is only used when it provably agrees with `cryptography`: `LeafEncoder.for_issuer`
+builds a probe leaf both ways (the same serial, dates, key and names) and returns None
+when the two TBSCertificates differ by a byte, and the signer then keeps using the
+builder. Every result is still parsed and checked against the X509-SVID profile by the
+signer before it is returned.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+from collections.abc import Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+
+from ca_server.authority.keys import CAPrivateKey, signature_hash
+from ca_server.authority.templates import IPAddress, IssuerInfo, leaf_template
+from meshtls.identity.ids import SpiffeId
+from meshtls.identity.x509 import PublicKey
+
+_SEQUENCE = 0x30
+_OCTET_STRING = 0x04
+_BIT_STRING = 0x03
+_INTEGER = 0x02
+_UTC_TIME = 0x17
+_GENERALIZED_TIME = 0x18
+_EXPLICIT_3 = 0xA3
+_SAN_URI = 0x86
+_SAN_DNS = 0x82
+_SAN_IP = 0x87
+
+_CRITICAL = b"\x01\x01\xff"
+_OID_BASIC_CONSTRAINTS = b"\x06\x03\x55\x1d\x13"
+_OID_KEY_USAGE = b"\x06\x03\x55\x1d\x0f"
+_OID_EXTENDED_KEY_USAGE = b"\x06\x03\x55\x1d\x25"
+_OID_SUBJECT_KEY_IDENTIFIER = b"\x06\x03\x55\x1d\x0e"
+_OID_SUBJECT_ALT_NAME = b"\x06\x03\x55\x1d\x11"
+_OID_SERVER_AUTH = b"\x06\x08\x2b\x06\x01\x05\x05\x07\x03\x01"
+_OID_CLIENT_AUTH = b"\x06\x08\x2b\x06\x01\x05\x05\x07\x03\x02"
+_OID_AUTHORITY_KEY_IDENTIFIER = b"\x06\x03\x55\x1d\x23"
+_PROBE_ID = SpiffeId.parse("spiffe://probe.meshtls.invalid/leaf-encoder")
+_PROBE_DNS = ("probe.meshtls.invalid",)
+_PROBE_SERIAL = (1 << 158) | 0x5EED
+# UTCTime covers 1950-2049; later dates are GeneralizedTime (RFC 5280 4.1.2.5).
+_UTC_TIME_END = dt.datetime(2050, 1, 1, tzinfo=dt.UTC).timestamp()
+
+
+def _length(n: int) -> bytes:
+    if n < 0x80:
+        return bytes((n,))
+    body = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return bytes((0x80 | len(body),)) + body
+
+
+def tlv(tag: int, value: bytes) -> bytes:
+    return bytes((tag,)) + _length(len(value)) + value
+
+
+def read_tlv(der: bytes, offset: int) -> tuple[int, int, int]:
+    """(tag, start of the value, end of the element) of the DER element at `offset`."""
+    tag = der[offset]
+    first = der[offset + 1]
+    if first < 0x80:
+        start = offset + 2
+        return tag, start, start + first
+    count = first & 0x7F
+    start = offset + 2 + count
+    return tag, start, start + int.from_bytes(der[offset + 2 : start], "big")
+
+
+def elements(der: bytes, start: int, end: int) -> list[bytes]:
+    """The DER elements between `start` and `end`, each with its tag and length."""
+    out = []
+    while start < end:
+        _, _, element_end = read_tlv(der, start)
+        out.append(der[start:element_end])
+        start = element_end
+    return out
+
+
+def _integer(value: int) -> bytes:
+    return tlv(_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+
+
+def _time(timestamp: int) -> bytes:
+    moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
+    if timestamp < _UTC_TIME_END:
+        return tlv(_UTC_TIME, moment.strftime("%y%m%d%H%M%SZ").encode())
+    return tlv(_GENERALIZED_TIME, moment.strftime("%Y%m%d%H%M%SZ").encode())
+
+
+def _extension(oid: bytes, value: bytes, *, critical: bool) -> bytes:
+    return tlv(_SEQUENCE, oid + (_CRITICAL if critical else b"") + tlv(_OCTET_STRING, value))
+
+
+def _key_usage(*, rsa_key: bool) -> bytes:
+    # digitalSignature (bit 0), plus keyEncipherment (bit 2) for RSA keys.
+    bits = b"\x05\xa0" if rsa_key else b"\x07\x80"
+    return _extension(_OID_KEY_USAGE, tlv(_BIT_STRING, bits), critical=True)
+
+
+_BASIC_CONSTRAINTS = _extension(_OID_BASIC_CONSTRAINTS, tlv(_SEQUENCE, b""), critical=True)
+_KEY_USAGE = _key_usage(rsa_key=False)
+_KEY_USAGE_RSA = _key_usage(rsa_key=True)
+_EXTENDED_KEY_USAGE = _extension(
+    _OID_EXTENDED_KEY_USAGE, tlv(_SEQUENCE, _OID_SERVER_AUTH + _OID_CLIENT_AUTH), critical=False
+)
+
+
+def subject_key_identifier(spki_der: bytes) -> bytes:
+    """RFC 5280 4.2.1.2 method 1, as `cryptography` computes it: SHA-1 of the subject
+    public key's BIT STRING contents (without the unused-bits octet)."""
+    _, start, _ = read_tlv(spki_der, 0)
+    _, _, algorithm_end = read_tlv(spki_der, start)
+    _, bits_start, bits_end = read_tlv(spki_der, algorithm_end)
+    return hashlib.sha1(spki_der[bits_start + 1 : bits_end], usedforsecurity=False).digest()
+
+
+def subject_alt_names(
+    uri: str, dns_names: Sequence[str] = (), ip_addresses: Sequence[IPAddress] = ()
+) -> bytes:
+    """The SAN extension: the SPIFFE ID, then DNS names, then IPs, in that order. The
+    names must already be checked (`templates.check_dns_name`, `check_ip_address`)."""
+    names = tlv(_SAN_URI, uri.encode("ascii"))
+    for name in dns_names:
+        names += tlv(_SAN_DNS, name.encode("ascii"))
+    for address in ip_addresses:
+        names += tlv(_SAN_IP, address.packed)
+    return _extension(_OID_SUBJECT_ALT_NAME, tlv(_SEQUENCE, names), critical=True)
+
+
+def sign_bytes(key: CAPrivateKey, data: bytes) -> bytes:
+    """The signature a certificate carries, with the algorithm `templates.sign` uses."""
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign(data)
+    algorithm = signature_hash(key)
+    assert algorithm is not None
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return key.sign(data, ec.ECDSA(algorithm))
+    return key.sign(data, padding.PKCS1v15(), algorithm)
+
+
+def der_to_pem(der: bytes) -> str:
+    body = base64.encodebytes(der).decode("ascii").replace("\n", "")
+    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
+
+
+class LeafEncoder:
+    """Encodes and signs X509-SVID leaves for one issuer. Build it with `for_issuer`."""
+
+    __slots__ = ("_aki", "_issuer_name", "_key", "_signature_algorithm", "_subject", "_version")
+
+    def __init__(self, key: CAPrivateKey, *, probe: x509.Certificate) -> None:
+        """`probe`: a leaf `cryptography` built under this issuer, whose fixed parts
+        (version, signature algorithm, issuer name, subject, AKI) are reused."""
+        self._key = key
+        tbs = probe.tbs_certificate_bytes
+        _, start, end = read_tlv(tbs, 0)
+        version, _, algorithm, issuer_name, _, subject, _, extensions = elements(tbs, start, end)
+        self._version = version
+        self._signature_algorithm = algorithm
+        self._issuer_name = issuer_name
+        self._subject = subject
+        _, wrapped_start, _ = read_tlv(extensions, 0)
+        _, seq_start, seq_end = read_tlv(extensions, wrapped_start)
+        akis = [
+            e
+            for e in elements(extensions, seq_start, seq_end)
+            if e[read_tlv(e, 0)[1] :].startswith(_OID_AUTHORITY_KEY_IDENTIFIER)
+        ]
+        if len(akis) != 1:
+            raise ValueError("the probe leaf has no single authority key identifier")
+        self._aki = akis[0]
+        cert = probe.public_bytes(serialization.Encoding.DER)
+        _, cert_start, cert_end = read_tlv(cert, 0)
+        if elements(cert, cert_start, cert_end)[1] != algorithm:
+            raise ValueError("the probe's two signature algorithm fields differ")
+
+    @classmethod
+    def for_issuer(cls, key: CAPrivateKey, issuer: IssuerInfo) -> LeafEncoder | None:
+        """An encoder for leaves under `issuer`, or None when this encoder does not produce
+        byte for byte what `cryptography` does for a probe leaf (the caller then keeps
+        using `templates.leaf_template`)."""
+        probe_key = ec.generate_private_key(ec.SECP256R1()).public_key()
+        start, end = issuer.not_before.timestamp(), issuer.not_after.timestamp()
+        try:
+            probe = leaf_template(
+                spiffe_id=_PROBE_ID,
+                public_key=probe_key,
+                issuer=issuer,
+                now=start + (end - start) / 2,
+                ttl_seconds=600,
+                dns_names=_PROBE_DNS,
+                serial=_PROBE_SERIAL,
+            ).sign(key, signature_hash(key))
+            encoder = cls(key, probe=probe)
+            ours = encoder.tbs(
+                serial=_PROBE_SERIAL,
+                not_before=int(probe.not_valid_before_utc.timestamp()),
+                not_after=int(probe.not_valid_after_utc.timestamp()),
+                public_key=probe_key,
+                san=subject_alt_names(str(_PROBE_ID), _PROBE_DNS),
+            )
+        except (ValueError, TypeError, IndexError):
+            return None
+        return encoder if ours == probe.tbs_certificate_bytes else None
+
+    def tbs(
+        self, *, serial: int, not_before: int, not_after: int, public_key: PublicKey, san: bytes
+    ) -> bytes:
+        """The TBSCertificate of a leaf; `san` from `subject_alt_names`."""
+        spki = public_key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        ski = _extension(
+            _OID_SUBJECT_KEY_IDENTIFIER,
+            tlv(_OCTET_STRING, subject_key_identifier(spki)),
+            critical=False,
+        )
+        extensions = (
+            _BASIC_CONSTRAINTS
+            + (_KEY_USAGE_RSA if isinstance(public_key, rsa.RSAPublicKey) else _KEY_USAGE)
+            + _EXTENDED_KEY_USAGE
+            + ski
+            + self._aki
+            + san
+        )
+        return tlv(
+            _SEQUENCE,
+            self._version
+            + _integer(serial)
+            + self._signature_algorithm
+            + self._issuer_name
+            + tlv(_SEQUENCE, _time(not_before) + _time(not_after))
+            + self._subject
+            + spki
+            + tlv(_EXPLICIT_3, tlv(_SEQUENCE, extensions)),
+        )
+
+    def sign(self, tbs: bytes) -> bytes:
+        """The whole certificate: `tbs`, the algorithm, and the signature over `tbs`."""
+        signature = sign_bytes(self._key, tbs)
+        return tlv(
+            _SEQUENCE, tbs + self._signature_algorithm + tlv(_BIT_STRING, b"\x00" + signature)
+        )
