@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import and_, case, delete, func, select, update
+from sqlalchemy import and_, bindparam, case, delete, func, select, update
 
 from ca_server.db.models import CERTIFICATES
 from ca_server.db.txbase import TxBase, check_limit, opt_float
@@ -15,6 +15,7 @@ from ca_server.domain import CertificateRecord
 from ca_server.errors import NotFound
 
 _C = CERTIFICATES.c
+_GET_CERTIFICATE = select(CERTIFICATES).where(_C.serial == bindparam("serial"))  # built once
 
 
 def _record(row: Any) -> CertificateRecord:
@@ -65,7 +66,7 @@ class CertificateOps(TxBase):
         self._exec(CERTIFICATES.insert(), [_values(cert) for cert in certs], what="certificate")
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
-        row = self._exec(select(CERTIFICATES).where(_C.serial == serial)).one_or_none()
+        row = self._exec(_GET_CERTIFICATE, {"serial": serial}).one_or_none()
         return None if row is None else _record(row)
 
     def list_certificates(

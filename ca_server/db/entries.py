@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import bindparam, delete, func, select
 
 from ca_server.db.models import ENTRIES
 from ca_server.db.txbase import TxBase, check_limit
@@ -15,6 +15,9 @@ from ca_server.domain import Entry
 from ca_server.errors import AlreadyExists, NotFound
 
 _E = ENTRIES.c
+_ENTRIES_FOR_NODE = (  # built once: it runs on the issuance path
+    select(ENTRIES).where(_E.node_name == bindparam("node")).order_by(_E.spiffe_id, _E.id)
+)
 
 # The node name of entries for every node. Never a real node's name: node names start with
 # a letter or digit.
@@ -96,8 +99,7 @@ class EntryOps(TxBase):
     def entries_for_node(self, node_name: str) -> list[Entry]:
         """Every entry registered under exactly this node name (`ALL_NODES` for the entries
         of every node), ordered by SPIFFE ID."""
-        statement = select(ENTRIES).where(_E.node_name == node_name).order_by(_E.spiffe_id, _E.id)
-        return [_entry(row) for row in self._exec(statement)]
+        return [_entry(row) for row in self._exec(_ENTRIES_FOR_NODE, {"node": node_name})]
 
     def count_entries(self) -> int:
         return int(self._exec(select(func.count()).select_from(ENTRIES)).scalar_one())

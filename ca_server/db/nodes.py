@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-from sqlalchemy import case, func, literal, select, update
+from sqlalchemy import bindparam, case, func, literal, select, update
 
 from ca_server.db.models import NODES
 from ca_server.db.txbase import TxBase, check_limit, opt_float
@@ -14,6 +14,12 @@ from ca_server.domain import Node
 from ca_server.errors import NotFound
 
 _N = NODES.c
+# The statements of the issuance hot path, built once: building a statement costs about
+# twice as much as running it on SQLite.
+_GET_NODE = select(NODES).where(_N.name == bindparam("name"))
+_BANNED_AMONG = select(_N.name).where(
+    _N.name.in_(bindparam("names", expanding=True)), _N.status == "banned"
+)
 
 
 def _node(row: Any) -> Node:
@@ -35,7 +41,7 @@ def _unknown(name: str) -> NotFound:
 
 class NodeOps(TxBase):
     def get_node(self, name: str) -> Node | None:
-        row = self._exec(select(NODES).where(_N.name == name)).one_or_none()
+        row = self._exec(_GET_NODE, {"name": name}).one_or_none()
         return None if row is None else _node(row)
 
     def upsert_node(self, node: Node) -> None:
@@ -122,8 +128,7 @@ class NodeOps(TxBase):
         wanted = sorted(set(names))
         if not wanted:
             return set()
-        statement = select(_N.name).where(_N.name.in_(wanted), _N.status == "banned")
-        return {row.name for row in self._exec(statement)}
+        return {row.name for row in self._exec(_BANNED_AMONG, {"names": wanted})}
 
     def node_banned_at(self, name: str) -> float | None:
         """When the node was banned (None if it is not banned). NotFound if unknown."""

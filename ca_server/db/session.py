@@ -158,13 +158,18 @@ def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:
 
     @event.listens_for(engine, "begin")
     def _on_begin(conn: Connection) -> None:
+        # Straight to the driver where nothing can fail (these run for every transaction
+        # and cost several times more through SQLAlchemy); BEGIN IMMEDIATE may time out
+        # on the write lock, so it goes through SQLAlchemy's error translation.
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
         if conn.get_execution_options().get(TX_KIND_OPTION) == TX_READ:
-            conn.exec_driver_sql("BEGIN")
-            conn.exec_driver_sql("PRAGMA query_only=ON")
+            raw.execute("BEGIN")  # deferred: takes no lock
+            raw.execute("PRAGMA query_only=ON")
         else:
             # Anything not explicitly a read (store writes, migrations) takes the write
             # lock up front: waiting for it honours busy_timeout, unlike an upgrade.
-            conn.exec_driver_sql("PRAGMA query_only=OFF")
+            raw.execute("PRAGMA query_only=OFF")
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine

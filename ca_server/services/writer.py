@@ -127,8 +127,7 @@ class GroupCommitWriter:
                 for unit in batch:
                     self._commit_alone(unit)
             return
-        for unit, result in zip(batch, results, strict=True):
-            _resolve(unit, result)
+        _resolve_all(batch, results)
 
     def _commit_alone(self, unit: _Unit[Any]) -> None:
         try:
@@ -142,6 +141,19 @@ class GroupCommitWriter:
 
 def _resolve(unit: _Unit[Any], result: Any) -> None:
     _deliver(unit, _set_result, result)
+
+
+def _resolve_all(batch: list[_Unit[Any]], results: list[Any]) -> None:
+    """Answer a committed batch with one wake-up per event loop rather than one per unit
+    (each wake-up is a write to the loop's self-pipe and a turn of the loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for unit, result in zip(batch, results, strict=True):
+        by_loop.setdefault(unit.loop, []).append((unit.future, result))
+    for loop, answers in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_set_results, answers)
+        except RuntimeError:
+            log.warning("a database write finished after its caller's event loop closed")
 
 
 def _deliver(
@@ -178,6 +190,11 @@ def _fail(unit: _Unit[Any], exc: BaseException) -> None:
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():
         future.set_result(result)
+
+
+def _set_results(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for future, result in answers:
+        _set_result(future, result)
 
 
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
