@@ -1,7 +1,7 @@
 """The sidecar's own error types.
 
 Everything that can go wrong talking to the CA is mapped, at the edge
-(`sidecar.identity.ca_client`), to one `CAError` subclass carrying the CA's human-readable
+(`sidecar.identity.ca_errors`), to one `CAError` subclass carrying the CA's human-readable
 message, a short machine `reason` (used as a metrics label) and, when the CA asked for it,
 a `retry_after` hint in seconds. Nothing above the client sees a raw gRPC exception.
 """

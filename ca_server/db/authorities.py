@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any, get_args
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, select, update
 
 from ca_server.db.models import AUTHORITIES
 from ca_server.db.txbase import TxBase
@@ -14,6 +14,9 @@ from ca_server.errors import InvalidRequest, NotFound
 
 _A = AUTHORITIES.c
 _STATES: tuple[str, ...] = get_args(AuthorityState)
+# The signing fence's heartbeat reads this several times a second: ids and states only
+# (no certificates or encrypted keys), and the statement is built once.
+_STATES_OF_KIND = select(_A.id, _A.state).where(_A.kind == bindparam("kind"))
 
 
 def _authority(row: Any) -> Authority:
@@ -69,6 +72,11 @@ class AuthorityOps(TxBase):
         """Every authority, oldest first."""
         statement = select(AUTHORITIES).order_by(_A.created_at, _A.id)
         return [_authority(row) for row in self._exec(statement)]
+
+    def intermediate_states(self) -> dict[str, AuthorityState]:
+        """Each intermediate's id and state, without its certificate or key."""
+        rows = self._exec(_STATES_OF_KIND, {"kind": "intermediate"})
+        return {row.id: row.state for row in rows}
 
     def set_authority_state(self, authority_id: str, state: AuthorityState, now: float) -> None:
         """Move an authority to `state` (recording when). NotFound if unknown; setting the

@@ -160,11 +160,8 @@ class FenceHeartbeat:
         try:
             with self._store.read() as tx:
                 version = tx.bundle_version()
-                active = {
-                    a.id
-                    for a in tx.list_authorities()
-                    if a.kind == "intermediate" and a.state == "active"
-                }
+                states = tx.intermediate_states()
+            active = {authority_id for authority_id, state in states.items() if state == "active"}
         except CAError as exc:
             if not self._failing:
                 log.warning(

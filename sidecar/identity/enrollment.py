@@ -27,7 +27,8 @@ from meshtls.identity.x509 import CertificateError, fingerprint_sha256
 from sidecar.config import TOKEN_ENV, SidecarConfig
 from sidecar.errors import CAInvalidResponse, CAPermissionDenied, CAUnauthenticated, NoJoinToken
 from sidecar.identity import trust
-from sidecar.identity.ca_client import CAClient, EnrollResult, KubernetesCredential
+from sidecar.identity.ca_client import CAClient
+from sidecar.identity.ca_messages import EnrollResult, KubernetesCredential
 from sidecar.identity.keys import PrivateKey, build_csr, new_private_key
 from sidecar.identity.model import Svid, TrustBundle
 from sidecar.identity.verify import check_bundle, verify_svid

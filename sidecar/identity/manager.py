@@ -26,7 +26,8 @@ from sidecar.errors import (
     CAUnavailable,
     NoJoinToken,
 )
-from sidecar.identity.ca_client import CAClient, TrustUpdate
+from sidecar.identity.ca_client import CAClient
+from sidecar.identity.ca_messages import TrustUpdate
 from sidecar.identity.enrollment import Enroller
 from sidecar.identity.health import Health
 from sidecar.identity.holder import Holder, iso

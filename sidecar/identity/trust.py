@@ -23,7 +23,8 @@ from meshtls.identity.x509 import fingerprint_sha256
 from meshtls.v1 import agent_pb2_grpc, types_pb2
 from sidecar.errors import UntrustedBundle
 from sidecar.fields import Address
-from sidecar.identity.ca_client import bundle_from_proto, map_rpc_error
+from sidecar.identity.ca_errors import map_rpc_error
+from sidecar.identity.ca_messages import bundle_from_proto
 from sidecar.identity.model import TrustBundle
 
 log = logging.getLogger(__name__)

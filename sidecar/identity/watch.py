@@ -25,7 +25,8 @@ import random
 from meshtls.clock import Clock
 from meshtls.identity.rotation import Backoff
 from sidecar.errors import CAError
-from sidecar.identity.ca_client import CAClient, TrustUpdate
+from sidecar.identity.ca_client import CAClient
+from sidecar.identity.ca_messages import TrustUpdate
 from sidecar.identity.manager import IdentityManager
 
 log = logging.getLogger(__name__)

@@ -56,3 +56,27 @@ def test_state_changes_are_recorded_and_bump_the_version(store: Store) -> None:
     with store.read() as tx:
         (stored,) = tx.list_authorities()
     assert stored.state == "active"
+
+
+def test_intermediate_states_are_the_intermediates_ids_and_states_only(store: Store) -> None:
+    with store.read() as tx:
+        assert tx.intermediate_states() == {}
+    with store.transaction() as tx:
+        tx.add_authority(authority("root-1"))
+        tx.add_authority(authority("root-2", state="prepared"))
+        tx.add_authority(authority("int-1", kind="intermediate", parent_id="root-1"))
+        tx.add_authority(
+            authority("int-2", kind="intermediate", state="prepared", parent_id="root-2")
+        )
+        tx.add_authority(
+            authority("int-0", kind="intermediate", state="retired", parent_id="root-1")
+        )
+    with store.transaction() as tx:
+        tx.set_authority_state("int-2", "active", T0 + 10)
+        tx.set_authority_state("int-1", "retired", T0 + 10)
+    with store.read() as tx:
+        assert tx.intermediate_states() == {
+            "int-0": "retired",
+            "int-1": "retired",
+            "int-2": "active",
+        }

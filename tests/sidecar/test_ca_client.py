@@ -14,7 +14,7 @@ from sidecar.errors import (
     CAUnavailable,
 )
 from sidecar.fields import Address
-from sidecar.identity.ca_client import map_rpc_error, retry_after_of
+from sidecar.identity.ca_errors import map_rpc_error, retry_after_of
 
 ADDRESS = Address("ca.internal", 8443)
 
