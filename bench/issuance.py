@@ -32,9 +32,10 @@ import grpc
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench.svid import svid_builder
 from meshtls.identity.pem import certs_from_der, certs_to_pem
 from meshtls.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -63,38 +64,17 @@ def raw_sign_rate(seconds: float = 2.0) -> float:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, TD)])
     leaf_key = ec.generate_private_key(ec.SECP256R1()).public_key()
-    ski = x509.SubjectKeyIdentifier.from_public_key(leaf_key)
-    aki = x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key())
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         now = dt.datetime.now(dt.UTC)
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(name)
-            .public_key(leaf_key)
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(seconds=30))
-            .not_valid_after(now + dt.timedelta(hours=1))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(f"spiffe://{TD}/w")]),
-                critical=True,
-            )
-            .add_extension(ski, critical=False)
-            .add_extension(aki, critical=False)
-            .sign(ca_key, hashes.SHA256())
-        )
+        cert = svid_builder(
+            public_key=leaf_key,
+            spiffe_id=f"spiffe://{TD}/w",
+            issuer_name=name,
+            issuer_public_key=ca_key.public_key(),
+            not_before=now - dt.timedelta(seconds=30),
+            not_after=now + dt.timedelta(hours=1),
+        ).sign(ca_key, hashes.SHA256())
         cert.public_bytes(serialization.Encoding.PEM)
         count += 1
     return count / (time.perf_counter() - start)

@@ -14,6 +14,6 @@ echo "==> ruff"
 ruff check .
 ruff format --check .
 echo "==> mypy"
-mypy ca_server sidecar proto/meshtls scripts tests
+mypy ca_server sidecar proto/meshtls scripts tests bench
 echo "==> pytest"
 python -m pytest -q -p no:cacheprovider "$@"

@@ -11,7 +11,9 @@ from pathlib import Path
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.x509.oid import NameOID
+
+from bench.svid import svid_builder
 
 TRUST_DOMAIN = "bench.example"
 CLIENT_ID = f"spiffe://{TRUST_DOMAIN}/client"
@@ -70,35 +72,14 @@ def make_pki(directory: Path) -> BenchPki:
 
     def leaf(name: str, spiffe_id: str) -> LeafFiles:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
-            .issuer_name(root_name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(hours=12))
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(
-                x509.KeyUsage(True, False, False, False, False, False, False, False, False),
-                critical=True,
-            )
-            .add_extension(
-                x509.ExtendedKeyUsage(
-                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-                ),
-                critical=False,
-            )
-            .add_extension(
-                x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_id)]),
-                critical=True,
-            )
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(root_key.public_key()),
-                critical=False,
-            )
-            .sign(root_key, hashes.SHA256())
-        )
+        cert = svid_builder(
+            public_key=key.public_key(),
+            spiffe_id=spiffe_id,
+            issuer_name=root_name,
+            issuer_public_key=root_key.public_key(),
+            not_before=now - dt.timedelta(minutes=5),
+            not_after=now + dt.timedelta(hours=12),
+        ).sign(root_key, hashes.SHA256())
         cert_path = directory / f"{name}.pem"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path = directory / f"{name}_key.pem"
