@@ -11,7 +11,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, ExtensionOID
 
-from meshtls.identity.x509 import CertificateError, spiffe_id_of
+from meshtls.identity.x509 import CertificateError, spiffe_id_from_uris
 
 MIN_SERIAL_BITS = 128
 # Leaves are backdated by this much so that peers whose clocks lag still accept them.
@@ -37,22 +37,22 @@ def profile_problems(
     still checked); everyone who receives a certificate checks the signature.
     """
     problems: list[str] = []
-    ext = leaf.extensions
+    # One pass over the extensions (the CA runs this for every certificate it signs).
+    by_oid = {extension.oid: extension for extension in leaf.extensions}
+    get = by_oid.get
 
-    def get(oid: x509.ObjectIdentifier) -> x509.Extension[x509.ExtensionType] | None:
-        try:
-            return ext.get_extension_for_oid(oid)
-        except x509.ExtensionNotFound:
-            return None
-
+    san = get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
+    uris = (
+        san.value.get_values_for_type(x509.UniformResourceIdentifier)
+        if san is not None and isinstance(san.value, x509.SubjectAlternativeName)
+        else []
+    )
     try:
-        spiffe_id_of(leaf)
+        spiffe_id_from_uris(uris)
     except CertificateError as exc:
         problems.append(str(exc))
-    if len(leaf.subject) == 0:
-        san = get(ExtensionOID.SUBJECT_ALTERNATIVE_NAME)
-        if san is not None and not san.critical:
-            problems.append("with an empty subject the SubjectAlternativeName must be critical")
+    if len(leaf.subject) == 0 and san is not None and not san.critical:
+        problems.append("with an empty subject the SubjectAlternativeName must be critical")
     bc = get(ExtensionOID.BASIC_CONSTRAINTS)
     if bc is None or not bc.critical or not isinstance(bc.value, x509.BasicConstraints):
         problems.append("BasicConstraints must be present and critical")

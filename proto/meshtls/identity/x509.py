@@ -100,7 +100,11 @@ def uri_sans(cert: x509.Certificate) -> list[str]:
 
 def spiffe_id_of(cert: x509.Certificate) -> SpiffeId:
     """The single SPIFFE ID of an X509-SVID; CertificateError if there is not exactly one."""
-    uris = uri_sans(cert)
+    return spiffe_id_from_uris(uri_sans(cert))
+
+
+def spiffe_id_from_uris(uris: list[str]) -> SpiffeId:
+    """The SPIFFE ID of a certificate whose URI SANs are `uris`: exactly one is allowed."""
     if len(uris) != 1:
         raise CertificateError(
             f"an X509-SVID must carry exactly one URI SAN, this certificate has {len(uris)}"
