@@ -174,6 +174,11 @@ class Connection:
             self.abort("error", f"internal error: {task.exception()}")
         self._maybe_finish()
 
+    def went_direct(self) -> bool:
+        """Whether a side of this connection handed its socket to OpenSSL."""
+        down, up = self.down, self.up
+        return (down is not None and down.is_direct()) or (up is not None and up.is_direct())
+
     def bytes_upstream(self) -> int:
         return 0 if self.down is None else self.down.received
 

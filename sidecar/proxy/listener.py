@@ -145,6 +145,8 @@ class Listener:
         up, down = conn.bytes_upstream(), conn.bytes_downstream()
         result = conn.result or "closed"
         self.counters.closed(result, up, down)
+        if conn.went_direct():
+            self.counters.direct_tls.inc()
         if access_log.isEnabledFor(logging.INFO):
             log_access(
                 AccessRecord(

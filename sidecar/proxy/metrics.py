@@ -13,7 +13,9 @@ closed connections plus the live counters of open ones), so the data path pays n
 * `meshtls_proxy_active_connections{listener}`;
 * `meshtls_proxy_bytes_total{listener,direction}`: plaintext bytes, `upstream` (from the
   connecting side onward) and `downstream` (back to it);
-* `meshtls_proxy_pooled_connections{listener}`: ready pre-established upstream connections.
+* `meshtls_proxy_pooled_connections{listener}`: ready pre-established upstream connections;
+* `meshtls_proxy_direct_tls_connections_total{listener}`: closed connections whose TLS
+  data went through OpenSSL's own socket I/O (bulk connections, see `native_io.py`).
 """
 
 from __future__ import annotations
@@ -69,6 +71,12 @@ class ProxyMetrics:
             ["listener", "result"],
             registry=self.registry,
         )
+        self.direct_tls = Counter(
+            "meshtls_proxy_direct_tls_connections",
+            "Closed connections whose TLS side OpenSSL ran on the socket itself (bulk data)",
+            ["listener"],
+            registry=self.registry,
+        )
         self._counters: dict[str, ListenerCounters] = {}
         self._sources: list[Callable[[], Iterable[ListenerStats]]] = []
         # Bytes of closed connections by listener name (kept when a listener goes away).
@@ -105,6 +113,7 @@ class ListenerCounters:
         self._refused: dict[str, Counter] = {}
         self._closed: dict[str, Counter] = {}
         self.resumed = metrics.resumed.labels(listener)
+        self.direct_tls = metrics.direct_tls.labels(listener)
         self.bytes = metrics.closed_bytes.setdefault(listener, [0, 0])
 
     def handshake(self, result: str, resumed: bool) -> None:

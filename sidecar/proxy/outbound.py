@@ -45,7 +45,9 @@ class OutboundListener(Listener):
     # -- TLS ---------------------------------------------------------------------------
 
     def start_tls(self, side: TlsSide, context: ssl.SSLContext) -> None:
-        side.connect_tls(context, self.tickets, self.config.server_name)
+        side.connect_tls(
+            context, self.tickets, self.config.server_name, native=self.service.tls.native
+        )
 
     def handshake_refused(self, side: TlsSide) -> None:
         self.record_handshake("refused")

@@ -9,7 +9,8 @@ asyncio's own TLS transports can neither half-close nor resume sessions. Once
   `BufferedProtocol`s): whatever reads it consumes the bytes before returning (OpenSSL
   encrypts them, or the memory BIO copies the ciphertext in), so the event loop allocates
   and copies nothing per read; decrypted data comes out as one bytes object per TLS record
-  and goes out in one `writelines` (one `writev`) per read;
+  and goes out in one `writelines` (one `writev`) per read (bulk connections go further:
+  OpenSSL takes their socket and decrypts into one shared buffer, see `tls_socket.py`);
 * back-pressure: when a side's transport buffer passes its high-water mark, the other
   side stops reading until it drains (`pause_writing`/`resume_writing`); nothing is
   buffered without bound, not even before the link (a side that gets data early keeps one
@@ -158,6 +159,14 @@ class Side(asyncio.BufferedProtocol):
     def send_all(self, chunks: list[bytes]) -> None:
         assert self.transport is not None
         self.transport.writelines(chunks)
+
+    def is_direct(self) -> bool:
+        """Whether OpenSSL runs this side's socket itself (see `tls_side.py`)."""
+        return False
+
+    def holds_data(self) -> bool:
+        """Whether the transport kept part of what it was given (it may keep a view)."""
+        return self.transport is not None and self.transport.get_write_buffer_size() > 0
 
     def send_eof(self) -> None:
         transport = self.transport

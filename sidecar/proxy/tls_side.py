@@ -15,20 +15,40 @@ neither half-close nor resume sessions (see `relay.py` for how sides are joined)
   record (one bytes object) at a time and goes to the other side in one call.
 * Ending: our direction ends with close_notify then a TCP FIN (`send_eof`); the peer's
   close_notify, or a TCP FIN without one, ends its direction.
+* Bulk data: once a relaying connection has carried `DIRECT_AFTER` bytes and reads come
+  in large (`DIRECT_READ`), OpenSSL takes over its socket (`native_io.py`,
+  `tls_socket.py`): the memory BIOs and their copies leave the data path. Short
+  connections and small messages never switch.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import os
+import socket
 import ssl
 from typing import Any
 
+from sidecar.proxy import native_io
+from sidecar.proxy.native_io import NativeIo, SwitchError
 from sidecar.proxy.native_tls import NativeSession, NativeTls, NativeTlsError
 from sidecar.proxy.peer import Refusal, refusal_from_ssl_error
 from sidecar.proxy.relay import READ_BUFFER, Owner, Side, pause
 from sidecar.proxy.sessions import Offer, TicketStore
+from sidecar.proxy.tls_socket import DirectTls
 
 TLS_RECORD_PLAINTEXT = 16384  # the most one TLS record carries (RFC 8446 5.1)
+# A relaying connection hands its socket to OpenSSL once it has carried DIRECT_AFTER bytes
+# (both ways) and a single read brought DIRECT_READ: bulk data, where the copies through
+# the memory BIOs cost most. Small messages stay on them, which suit them better (no
+# exception per read, writes coalesced, no call through ctypes).
+DIRECT_AFTER = 256 * 1024
+DIRECT_READ = 64 * 1024
+
+
+class _Detached(asyncio.Protocol):
+    """What the transport a side left behind reports to: nothing more to do."""
 
 
 class TlsSide(Side):
@@ -36,14 +56,17 @@ class TlsSide(Side):
     sends it."""
 
     __slots__ = (
+        "direct",
         "handshaking",
         "incoming",
+        "io",
         "native",
         "offer",
         "outgoing",
         "resumed",
         "server_side",
         "sslobj",
+        "switching",
         "ticket_held",
         "tickets",
     )
@@ -64,6 +87,10 @@ class TlsSide(Side):
         # server's new ticket has been collected.
         self.tickets: TicketStore | None = None
         self.offer: Offer | None = None
+        # The socket helpers (None: memory BIOs only), and the data path once switched.
+        self.io: NativeIo | None = None
+        self.direct: DirectTls | None = None
+        self.switching = False
 
     def start_tls(self, context: ssl.SSLContext, native: NativeTls | None) -> None:
         """Server side: wait for the client's hello. With `native`, a session the client
@@ -72,18 +99,27 @@ class TlsSide(Side):
         self.sslobj = context.wrap_bio(self.incoming, self.outgoing, server_side=True)
         self.handshaking = True
         self.native = native
+        self.io = native_io.load(native)
 
     def connect_tls(
-        self, context: ssl.SSLContext, tickets: TicketStore, server_hostname: str | None
+        self,
+        context: ssl.SSLContext,
+        tickets: TicketStore,
+        server_hostname: str | None,
+        native: NativeTls | None = None,
     ) -> None:
         """Client side: send the hello, resuming with one of `tickets` if there is one."""
         self.server_side = False
+        self.io = native_io.load(native)
         self.tickets = tickets
         self.sslobj, self.offer = tickets.wrap(
             context, self.incoming, self.outgoing, server_hostname
         )
         self.handshaking = True
         self._handshake()
+
+    def is_direct(self) -> bool:
+        return self.direct is not None
 
     @property
     def offered_ticket(self) -> bool:
@@ -102,6 +138,8 @@ class TlsSide(Side):
             if self.handshaking or self.transport.is_closing():
                 return
         self._decrypt()
+        if nbytes >= DIRECT_READ and self.io is not None and not self.switching:
+            self._maybe_switch()
 
     def eof_received(self) -> bool:
         if self.handshaking or self.sslobj is None:
@@ -208,14 +246,86 @@ class TlsSide(Side):
             self._deliver(chunks, size)
         if self.outgoing.pending and not self.ticket_held:
             self._flush()  # what reading made OpenSSL answer (e.g. a key update)
-        if self.offer is not None and not self.handshaking:
-            assert self.tickets is not None
-            if self.tickets.collect(sslobj, self.offer):
-                self.offer = None
+        self.after_read()
         if error is not None:
             self.owner.side_error(self, refusal_from_ssl_error(error, server_side=self.server_side))
         elif eof:
             self.ended()
+
+    def after_read(self) -> None:
+        """Client side: keep the ticket the server sends after the handshake."""
+        if self.offer is not None and not self.handshaking:
+            assert self.tickets is not None
+            assert self.sslobj is not None
+            if self.tickets.collect(self.sslobj, self.offer):
+                self.offer = None
+
+    # -- handing the socket to OpenSSL ---------------------------------------------------
+
+    def _maybe_switch(self) -> None:
+        peer = self.peer
+        if peer is not None and self.received + peer.received >= DIRECT_AFTER:
+            # Not from inside the transport's own callback: on the next turn of the loop.
+            self.switching = True
+            asyncio.get_running_loop().call_soon(self._switch)
+
+    def _switch(self) -> None:
+        """Give the socket to OpenSSL, if everything before is out and nothing waits."""
+        self.switching = False
+        io, transport, sslobj = self.io, self.transport, self.sslobj
+        if (
+            io is None
+            or sslobj is None
+            or self.direct is not None
+            or transport is None
+            or transport.is_closing()
+            or self.handshaking
+            or self.peer is None
+            or (self.eof_in and self.eof_out)
+        ):
+            return
+        if self.outgoing.pending:
+            self._flush()  # a session ticket held back for the first data, say
+        if transport.get_write_buffer_size() or self.incoming.pending:
+            return  # ciphertext still queued: another time
+        found = transport.get_extra_info("socket")
+        if found is None:
+            self.io = None
+            return
+        try:
+            sock = socket.socket(fileno=os.dup(found.fileno()))
+        except OSError:
+            self.io = None
+            return
+        try:
+            bios = io.attach(sslobj, self.incoming, self.outgoing, sock.fileno())
+        except SwitchError as exc:
+            sock.close()
+            native_io.disable(io.native, str(exc))
+            self.io = None
+            self.abort()
+            return
+        except NativeTlsError as exc:
+            sock.close()
+            native_io.disable(io.native, str(exc))
+            self.io = None
+            return
+        sock.setblocking(False)
+        reading = transport.is_reading()
+        # The transport lets go: it closes its descriptor, ours keeps the connection.
+        transport.set_protocol(_Detached())
+        transport.abort()
+        self.direct = DirectTls(
+            asyncio.get_running_loop(),
+            self,
+            sock,
+            io,
+            bios,
+            sslobj,
+            reading=reading,
+            ended=(self.eof_in, self.eof_out),
+        )
+        self.transport = self.direct
 
     def _deliver(self, chunks: list[bytes], size: int) -> None:
         self.received += size
@@ -231,6 +341,10 @@ class TlsSide(Side):
     # -- used by the other side and the owner ---------------------------------------
 
     def send(self, data: bytes | memoryview) -> None:
+        direct = self.direct
+        if direct is not None:
+            direct.write(data)
+            return
         sslobj = self.sslobj
         assert sslobj is not None
         assert self.transport is not None
@@ -241,6 +355,8 @@ class TlsSide(Side):
             return
         self.ticket_held = False
         self.transport.write(self.outgoing.read())
+        if len(data) >= DIRECT_READ and self.io is not None and not self.switching:
+            self._maybe_switch()
 
     def send_all(self, chunks: list[bytes]) -> None:
         for chunk in chunks:
@@ -251,6 +367,9 @@ class TlsSide(Side):
         if self.eof_out or transport is None or transport.is_closing():
             return
         self.eof_out = True
+        if self.direct is not None:
+            self.direct.write_eof()
+            return
         if self.sslobj is not None and not self.handshaking:
             with contextlib.suppress(ssl.SSLError):
                 self.sslobj.unwrap()  # close_notify; the peer's direction stays open
