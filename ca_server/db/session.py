@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import logging
 import re
+import sqlite3
+import time
 from pathlib import Path
 from typing import Any
 
@@ -149,7 +151,7 @@ def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         try:
-            cursor.execute("PRAGMA journal_mode=WAL")
+            _enable_wal(cursor, busy_timeout)
             cursor.execute("PRAGMA synchronous=NORMAL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
@@ -173,3 +175,22 @@ def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
+
+
+def _enable_wal(cursor: Any, busy_timeout: float) -> None:
+    """Switch the file to WAL. Processes opening a new database at the same moment (the
+    replicas of `serve --workers N`, concurrent migrations) race for the switch, and the
+    loser gets "database is locked" at once: SQLite does not run the busy handler for it.
+    Retry until `busy_timeout`; once one process has switched, the others' switch is a
+    no-op that takes no lock."""
+    deadline = time.monotonic() + busy_timeout
+    delay = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)

@@ -97,7 +97,11 @@ def test_concurrent_upgrades_apply_each_revision_once(database_url: str, tmp_pat
     try:
         for process in processes:
             assert process.stdout is not None
-            assert process.stdout.readline().strip() == "ready"
+            line = process.stdout.readline().strip()
+            if line != "ready":
+                process.wait(timeout=30)
+                assert process.stderr is not None
+                raise AssertionError(f"a migrating process did not start: {process.stderr.read()}")
         go.touch()
         outputs = []
         for process in processes:
