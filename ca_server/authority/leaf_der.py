@@ -16,7 +16,6 @@ signer before it is returned.
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
 import hashlib
 from collections.abc import Sequence
@@ -150,12 +149,6 @@ def sign_bytes(key: CAPrivateKey, data: bytes) -> bytes:
     if isinstance(key, ec.EllipticCurvePrivateKey):
         return key.sign(data, ec.ECDSA(algorithm))
     return key.sign(data, padding.PKCS1v15(), algorithm)
-
-
-def der_to_pem(der: bytes) -> str:
-    body = base64.encodebytes(der).decode("ascii").replace("\n", "")
-    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
-    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
 class LeafEncoder:

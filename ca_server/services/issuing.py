@@ -10,13 +10,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
-from ca_server.authority.leaf_der import der_to_pem
 from ca_server.authority.signer import Signer
 from ca_server.db.tx import Tx
 from ca_server.domain import AuditEvent, CertificateKind, CertificateRecord
 from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.writer import Refused
 from meshtls.identity.ids import SpiffeId
+from meshtls.identity.pem import der_to_pem
 from meshtls.identity.x509 import CertificateError, load_csr, serial_hex
 
 

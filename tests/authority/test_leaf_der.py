@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ca_server.authority import leaf_der
 from ca_server.authority.keys import CAPrivateKey
-from ca_server.authority.leaf_der import LeafEncoder, der_to_pem, read_tlv, subject_alt_names
+from ca_server.authority.leaf_der import LeafEncoder, read_tlv, subject_alt_names
 from ca_server.authority.signer import Signer
 from ca_server.authority.templates import (
     IssuerInfo,
@@ -27,6 +27,7 @@ from ca_server.authority.templates import (
     sign,
 )
 from meshtls.identity.ids import SpiffeId
+from meshtls.identity.pem import der_to_pem
 from meshtls.identity.profile import BACKDATE_SECONDS, validate_leaf
 from meshtls.identity.x509 import PublicKey
 from tests.support.pki import KeyKind, make_key

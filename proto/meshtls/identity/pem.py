@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import os
 import tempfile
@@ -14,6 +15,13 @@ from cryptography.hazmat.primitives import serialization
 
 def certs_to_pem(certs: Iterable[x509.Certificate]) -> bytes:
     return b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs)
+
+
+def der_to_pem(der: bytes) -> str:
+    """One DER certificate as PEM text, without parsing it (what `cryptography` writes)."""
+    body = base64.b64encode(der).decode("ascii")
+    lines = "\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    return f"-----BEGIN CERTIFICATE-----\n{lines}\n-----END CERTIFICATE-----\n"
 
 
 def certs_to_der(certs: Iterable[x509.Certificate]) -> list[bytes]:
