@@ -35,6 +35,9 @@ if TYPE_CHECKING:
     from sidecar.proxy.tls_side import TlsSide
 
 PLAIN_SIZE = 256 * 1024  # decrypted bytes handed on per write
+# Full buffers one readable event may hand on before the loop turns: a fast bulk sender
+# must not keep the other connections of the process waiting.
+BATCHES_PER_WAKEUP = 4
 RECORD = 16384  # the most plaintext one TLS record carries
 
 
@@ -256,6 +259,7 @@ class DirectTls(asyncio.Transport):
         buf = _Plain.view
         limit = PLAIN_SIZE - RECORD
         n = 0
+        batches = 0
         eof = False
         failure: Exception | None = None
         try:
@@ -269,8 +273,14 @@ class DirectTls(asyncio.Transport):
                     self._deliver(buf, n)
                     n = 0
                     buf = _Plain.view
+                    batches += 1
                     if not self._reading:
                         break  # paused by the other side, or closed
+                    if batches == BATCHES_PER_WAKEUP:
+                        if self._io.buffered(self._bios):
+                            # The socket will not signal what OpenSSL already holds.
+                            self._loop.call_soon(self._on_readable)
+                        break
         except ssl.SSLWantReadError:
             pass
         except ssl.SSLZeroReturnError:
