@@ -13,7 +13,6 @@ The private key is never logged; `repr()` names only the authority.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Iterable, Sequence
 
 from cryptography import x509
@@ -35,13 +34,14 @@ from ca_server.authority.templates import (
     check_dns_name,
     check_ip_address,
     leaf_template,
+    leaf_validity,
     random_serial,
     sign,
 )
 from ca_server.domain import Authority
 from ca_server.errors import ConfigError, FailedPrecondition, InvalidRequest
 from meshtls.identity.ids import SCHEME, InvalidSpiffeId, SpiffeId, validate_trust_domain
-from meshtls.identity.profile import BACKDATE_SECONDS, validate_leaf
+from meshtls.identity.profile import validate_leaf
 from meshtls.identity.x509 import CertificateError, PublicKey, check_public_key, uri_sans
 
 log = logging.getLogger(__name__)
@@ -267,14 +267,7 @@ class Signer:
     ) -> x509.Certificate:
         """`leaf_template` + `sign`, byte for byte (whole seconds, as DER encodes them),
         without building the certificate out of Python objects."""
-        issuer = self._issuer
-        not_before = max(math.floor(now - BACKDATE_SECONDS), int(issuer.not_before.timestamp()))
-        not_after = min(math.floor(now + ttl_seconds), int(issuer.not_after.timestamp()))
-        if not_after <= not_before:
-            raise TemplateError(
-                f"the issuing CA expired at {issuer.not_after.isoformat()} (or is not valid "
-                "yet); no certificate can be issued under it"
-            )
+        not_before, not_after = leaf_validity(self._issuer, now, ttl_seconds)
         san = subject_alt_names(
             str(spiffe_id),
             [check_dns_name(n) for n in dns_names],

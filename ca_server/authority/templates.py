@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import math
 import re
 import secrets
 from collections.abc import Iterable
@@ -242,6 +243,21 @@ def check_ip_address(value: str | IPAddress) -> IPAddress:
         raise TemplateError(f"{value!r} is not an IPv4 or IPv6 address") from None
 
 
+def leaf_validity(issuer: IssuerInfo, now: float, ttl_seconds: float) -> tuple[int, int]:
+    """NotBefore and NotAfter of a leaf, in the whole seconds DER keeps: from `now`
+    backdated by `BACKDATE_SECONDS` for `ttl_seconds`, never outside the issuer's validity."""
+    if ttl_seconds <= 0:
+        raise TemplateError(f"a certificate lifetime must be positive, got {ttl_seconds} s")
+    not_before = max(math.floor(now - BACKDATE_SECONDS), int(issuer.not_before.timestamp()))
+    not_after = min(math.floor(now + ttl_seconds), int(issuer.not_after.timestamp()))
+    if not_after <= not_before:
+        raise TemplateError(
+            f"the issuing CA expired at {issuer.not_after.isoformat()} (or is not valid "
+            "yet); no certificate can be issued under it"
+        )
+    return not_before, not_after
+
+
 def leaf_template(
     *,
     spiffe_id: SpiffeId,
@@ -254,15 +270,7 @@ def leaf_template(
     serial: int | None = None,
 ) -> x509.CertificateBuilder:
     """An X509-SVID for `spiffe_id` and `public_key` under `issuer`."""
-    if ttl_seconds <= 0:
-        raise TemplateError(f"a certificate lifetime must be positive, got {ttl_seconds} s")
-    not_before = max(utc(now - BACKDATE_SECONDS), issuer.not_before)
-    not_after = min(utc(now + ttl_seconds), issuer.not_after)
-    if not_after <= not_before:
-        raise TemplateError(
-            f"the issuing CA expired at {issuer.not_after.isoformat()} (or is not valid "
-            "yet); no certificate can be issued under it"
-        )
+    not_before, not_after = leaf_validity(issuer, now, ttl_seconds)
     names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(str(spiffe_id))]
     names.extend(x509.DNSName(check_dns_name(n)) for n in dns_names)
     names.extend(x509.IPAddress(check_ip_address(a)) for a in ip_addresses)
@@ -273,8 +281,8 @@ def leaf_template(
         .issuer_name(issuer.subject)
         .public_key(public_key)
         .serial_number(serial if serial is not None else random_serial())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
+        .not_valid_before(utc(not_before))
+        .not_valid_after(utc(not_after))
         .add_extension(_LEAF_BASIC_CONSTRAINTS, critical=True)
         .add_extension(_LEAF_KEY_USAGE_RSA if is_rsa else _LEAF_KEY_USAGE, critical=True)
         .add_extension(_LEAF_EKU, critical=False)
