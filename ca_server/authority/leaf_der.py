@@ -17,6 +17,7 @@ signer before it is returned.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import hashlib
 from collections.abc import Sequence
 
@@ -93,6 +94,7 @@ def _integer(value: int) -> bytes:
     return tlv(_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
+@functools.lru_cache(maxsize=64)  # leaves signed within one second share their dates
 def _time(timestamp: int) -> bytes:
     moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
     if timestamp < _UTC_TIME_END:
