@@ -389,3 +389,53 @@ async def test_without_the_socket_path_bulk_runs_on_memory_bios(
         "the connection closed",
     )
     assert await switched(mesh) == (0, 0)
+
+
+@pytest.mark.parametrize("loop", sorted(LOOPS))
+def test_records_left_inside_openssl_after_a_pause_still_arrive(tmp_path: Path, loop: str) -> None:
+    """Round after round the app stops reading until the proxies pause, then reads a
+    message whose tail may sit only in OpenSSL's read buffer when the pause came (the
+    socket then never signals it again): every message must arrive whole. Whether a round
+    ends in that state depends on timing; with the resume check removed, most runs of
+    these 19 rounds stall (measured: at least one loop variant in each of 3 runs)."""
+    rounds = [16 * 1024 * 1024 + tail for tail in range(1, 131072, 6899)]  # 19 rounds
+
+    async def test(mesh: Mesh) -> None:
+        go = asyncio.Queue[None]()
+
+        async def paced(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter, conn: AppConnection
+        ) -> None:
+            await reader.readexactly(2 * DIRECT_AFTER)
+            writer.write(b"s")
+            for size in rounds:
+                await go.get()
+                data = await reader.readexactly(size)
+                writer.write(hashlib.sha256(data).digest())
+
+        app = App(paced)
+        port = await start_pair(mesh, app)
+        loop_ = asyncio.get_running_loop()
+        sock = socket.create_connection(("127.0.0.1", port))
+        sock.setblocking(False)
+        try:
+            await loop_.sock_sendall(sock, os.urandom(2 * DIRECT_AFTER))
+            assert await asyncio.wait_for(loop_.sock_recv(sock, 1), 10) == b"s"
+            client = mesh.services[1].listeners["to-web"]
+            (conn,) = client.active
+            await eventually(conn.went_direct, "the connection switched")
+            for size in rounds:
+                payload = os.urandom(size)
+                await loop_.sock_sendall(sock, payload)
+                await asyncio.sleep(0.05)  # let the pipeline fill and pause
+                go.put_nowait(None)
+                digest = b""
+                while len(digest) < 32:
+                    got = await asyncio.wait_for(loop_.sock_recv(sock, 32 - len(digest)), 10)
+                    assert got, "the proxy closed the connection"
+                    digest += got
+                assert digest == hashlib.sha256(payload).digest(), f"round of {size} bytes"
+        finally:
+            sock.close()
+
+    run(tmp_path, loop, test)
