@@ -26,10 +26,11 @@ class Issued:
     chain: tuple[x509.Certificate, ...]  # leaf first, then the issuing chain (no root)
     record: CertificateRecord
     issuer_chain_der: tuple[bytes, ...]  # the signer's chain, encoded once per signer
+    der: bytes  # the leaf, as signed (also the source of the record's PEM and fingerprint)
 
     @property
     def chain_der(self) -> list[bytes]:
-        return [self.cert.public_bytes(serialization.Encoding.DER), *self.issuer_chain_der]
+        return [self.der, *self.issuer_chain_der]
 
 
 @dataclass(frozen=True)
@@ -100,4 +101,4 @@ def issue(
         issuer_id=signer.authority_id,
         issued_at=now,
     )
-    return Issued(cert, (cert, *signer.chain), record, signer.chain_der)
+    return Issued(cert, (cert, *signer.chain), record, signer.chain_der, der)
