@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import struct
 import time
 from collections.abc import Callable
@@ -24,6 +25,7 @@ from sidecar.fields import Problems
 from sidecar.identity.model import Snapshot, WorkloadIdentity
 from sidecar.identity.publisher import SnapshotPublisher
 from sidecar.proxy.config import ProxyConfig, parse_proxy
+from sidecar.proxy.listener import Listener
 from sidecar.proxy.metrics import ProxyMetrics
 from sidecar.proxy.native_tls import NativeTls
 from sidecar.proxy.service import ProxyService
@@ -350,6 +352,31 @@ class LogRecords(logging.Handler):
 
 async def eventually(predicate: Callable[[], bool], what: str, within: float = 10.0) -> None:
     await wait_for(predicate, within=within, what=what)
+
+
+async def flood_until_stalled(
+    sock: socket.socket, chunk: bytes, total: int, listener: Listener
+) -> tuple[asyncio.Task[None], int]:
+    """Send `total` bytes in `chunk`s on the non-blocking `sock` (then half-close) from a
+    task, and poll until `listener` (one whose app stopped reading) reads nothing more:
+    the task and how many bytes the listener read by then."""
+    loop = asyncio.get_running_loop()
+
+    async def push() -> None:
+        sent = 0
+        while sent < total:
+            await loop.sock_sendall(sock, chunk)
+            sent += len(chunk)
+        sock.shutdown(socket.SHUT_WR)
+
+    pusher = asyncio.create_task(push())
+    previous = -1
+    while True:  # until the pipeline is full and nothing moves
+        await asyncio.sleep(0.3)
+        read = listener.stats().bytes_upstream
+        if read == previous:
+            return pusher, read
+        previous = read
 
 
 def now() -> float:

@@ -33,6 +33,7 @@ from tests.proxy.helpers import (
     echo,
     eventually,
     exchange,
+    flood_until_stalled,
     inbound,
     outbound,
     port_of,
@@ -193,24 +194,8 @@ def test_back_pressure_holds_on_the_direct_path(tmp_path: Path, loop: str) -> No
         sock = socket.create_connection(("127.0.0.1", port))
         sock.setblocking(False)
         loop_ = asyncio.get_running_loop()
-        sent = 0
-
-        async def push() -> None:
-            nonlocal sent
-            while sent < total:
-                await loop_.sock_sendall(sock, chunk)
-                sent += len(chunk)
-            sock.shutdown(socket.SHUT_WR)
-
-        pusher = asyncio.create_task(push())
         client = mesh.services[1].listeners["to-web"]
-        previous = -1
-        while True:  # until the pipeline is full and nothing moves
-            await asyncio.sleep(0.3)
-            read = client.stats().bytes_upstream
-            if read == previous:
-                break
-            previous = read
+        pusher, read = await flood_until_stalled(sock, chunk, total, client)
         assert not pusher.done()
         assert read < 40 * 1024 * 1024, f"the outbound listener read {read} bytes ahead"
         (conn,) = client.active

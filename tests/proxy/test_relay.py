@@ -25,6 +25,7 @@ from tests.proxy.helpers import (
     echo,
     eventually,
     exchange,
+    flood_until_stalled,
     http_whoami,
     inbound,
     outbound,
@@ -138,25 +139,8 @@ async def test_back_pressure_bounds_what_the_proxy_reads(mesh: Mesh) -> None:
     sock = socket.create_connection(("127.0.0.1", p.port))
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
-    sent = 0
-
-    async def push() -> None:
-        nonlocal sent
-        while sent < total:
-            await loop.sock_sendall(sock, chunk)
-            sent += len(chunk)
-        sock.shutdown(socket.SHUT_WR)
-
-    pusher = asyncio.create_task(push())
-    outbound_listener = p.client.listeners["to-web"]
     # Let the pipeline fill up: the proxy stops reading long before 128 MiB.
-    previous = -1
-    while True:
-        await asyncio.sleep(0.3)
-        read = outbound_listener.stats().bytes_upstream
-        if read == previous:
-            break
-        previous = read
+    pusher, read = await flood_until_stalled(sock, chunk, total, p.client.listeners["to-web"])
     assert not pusher.done()
     assert read < 48 * 1024 * 1024, f"the outbound listener read {read} bytes ahead of the app"
     release.set()
