@@ -30,7 +30,7 @@ async def list_for_node(ctx: CAContext, caller: AuthenticatedNode) -> list[Entry
     cached_own: list[Entry] | None = ctx.entries_cache.get(caller.name)
     cached_shared: list[Entry] | None = ctx.entries_cache.get(ALL_NODES)
     if cached_own is None or cached_shared is None:
-        own, shared = await ctx.read(
+        own, shared = await ctx.lookup(
             lambda tx: (tx.entries_for_node(caller.name), tx.entries_for_node(ALL_NODES))
         )
         ctx.entries_cache.put(caller.name, own)

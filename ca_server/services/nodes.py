@@ -279,7 +279,7 @@ async def authenticate(ctx: CAContext, peer_pem: bytes | None) -> AuthenticatedN
     def load(tx: Tx) -> tuple[Node | None, CertificateRecord | None]:
         return tx.get_node(name), tx.get_certificate(serial)
 
-    node, record = await ctx.read(load)
+    node, record = await ctx.lookup(load)
     if node is None or record is None or record.kind != "node" or record.node_name != name:
         raise Unauthenticated(f"the client certificate (serial {serial}) was not issued to {name}")
     if node.status == "banned":
