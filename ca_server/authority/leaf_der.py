@@ -10,8 +10,8 @@ encodes only what changes: serial, validity, public key, subject key identifier 
 It is only used when it provably agrees with `cryptography`: `LeafEncoder.for_issuer`
 builds a probe leaf both ways (the same serial, dates, key and names) and returns None
 when the two TBSCertificates differ by a byte, and the signer then keeps using the
-builder. Every result is still parsed and checked against the X509-SVID profile by the
-signer before it is returned.
+builder. Every result is still checked against the X509-SVID profile, from the bytes that
+were signed, by the signer before it is returned.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from ca_server.authority.keys import CAPrivateKey, signature_hash
 from ca_server.authority.templates import IPAddress, IssuerInfo, leaf_template
+from meshtls.identity.der import elements, read_tlv
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.x509 import PublicKey
 
@@ -66,28 +67,6 @@ def _length(n: int) -> bytes:
 
 def tlv(tag: int, value: bytes) -> bytes:
     return bytes((tag,)) + _length(len(value)) + value
-
-
-def read_tlv(der: bytes, offset: int) -> tuple[int, int, int]:
-    """(tag, start of the value, end of the element) of the DER element at `offset`."""
-    tag = der[offset]
-    first = der[offset + 1]
-    if first < 0x80:
-        start = offset + 2
-        return tag, start, start + first
-    count = first & 0x7F
-    start = offset + 2 + count
-    return tag, start, start + int.from_bytes(der[offset + 2 : start], "big")
-
-
-def elements(der: bytes, start: int, end: int) -> list[bytes]:
-    """The DER elements between `start` and `end`, each with its tag and length."""
-    out = []
-    while start < end:
-        _, _, element_end = read_tlv(der, start)
-        out.append(der[start:element_end])
-        start = element_end
-    return out
 
 
 def _integer(value: int) -> bytes:

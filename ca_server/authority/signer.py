@@ -1,11 +1,11 @@
 """Issuing X509-SVIDs with the active intermediate: the CA's hot path.
 
-A `Signer` holds one intermediate's certificate and decrypted key. `issue()` encodes a leaf
-straight to DER with `leaf_der.LeafEncoder` (byte for byte what `templates.leaf_template`
-would build, proven per signer at construction, else the builder is used), signs it, and
-checks the result against the shared X509-SVID profile
-(`meshtls.identity.profile.validate_leaf`) before returning it: a certificate that breaks
-the profile is never handed out.
+A `Signer` holds one intermediate's certificate and decrypted key. `issue_der()` encodes a
+leaf straight to DER with `leaf_der.LeafEncoder` (byte for byte what
+`templates.leaf_template` would build, proven per signer at construction, else the builder
+is used), signs it, and checks the signed bytes against the shared X509-SVID profile
+(`meshtls.identity.profile.leaf_problems`) before returning them: a certificate that breaks
+the profile is never handed out. `issue()` is the same, parsed.
 
 The private key is never logged; `repr()` names only the authority.
 """
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,7 +42,7 @@ from ca_server.authority.templates import (
 from ca_server.domain import Authority
 from ca_server.errors import ConfigError, FailedPrecondition, InvalidRequest
 from meshtls.identity.ids import SCHEME, InvalidSpiffeId, SpiffeId, validate_trust_domain
-from meshtls.identity.profile import validate_leaf
+from meshtls.identity.profile import IssuerFacts, leaf_problems
 from meshtls.identity.x509 import CertificateError, PublicKey, check_public_key, uri_sans
 
 log = logging.getLogger(__name__)
@@ -97,6 +98,16 @@ def load_authority_cert(authority: Authority) -> x509.Certificate:
         ) from None
 
 
+@dataclass(frozen=True)
+class SignedLeaf:
+    """A leaf as signed (DER) and the fields the CA records of it."""
+
+    der: bytes
+    serial: int
+    not_before: float
+    not_after: float
+
+
 class Signer:
     """Issues leaves under one intermediate. Immutable once built, so one Signer may be
     shared by every thread that issues."""
@@ -107,6 +118,7 @@ class Signer:
         "_chain",
         "_chain_der",
         "_encoder",
+        "_facts",
         "_issuer",
         "_key",
         "_not_after",
@@ -143,6 +155,7 @@ class Signer:
         self._chain: tuple[x509.Certificate, ...] = (cert, *above)
         self._chain_der = tuple(c.public_bytes(serialization.Encoding.DER) for c in self._chain)
         self._issuer = IssuerInfo.of(cert)
+        self._facts = IssuerFacts.of(cert)
         self._not_after = cert.not_valid_after_utc.timestamp()
         self._encoder = LeafEncoder.for_issuer(key, self._issuer)
         if self._encoder is None:
@@ -200,6 +213,27 @@ class Signer:
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[str | IPAddress] = (),
     ) -> x509.Certificate:
+        """`issue_der`, parsed."""
+        leaf = self.issue_der(
+            public_key,
+            spiffe_id,
+            ttl_seconds=ttl_seconds,
+            now=now,
+            dns_names=dns_names,
+            ip_addresses=ip_addresses,
+        )
+        return x509.load_der_x509_certificate(leaf.der)
+
+    def issue_der(
+        self,
+        public_key: object,
+        spiffe_id: SpiffeId,
+        *,
+        ttl_seconds: int,
+        now: float,
+        dns_names: Iterable[str] = (),
+        ip_addresses: Iterable[str | IPAddress] = (),
+    ) -> SignedLeaf:
         """Sign an X509-SVID for `spiffe_id` and `public_key`, valid from now (backdated)
         for `ttl_seconds` but never past this intermediate's NotAfter.
 
@@ -224,36 +258,55 @@ class Signer:
             )
         try:
             if self._encoder is None:
-                leaf = sign(
-                    leaf_template(
-                        spiffe_id=spiffe_id,
-                        public_key=key,
-                        issuer=self._issuer,
-                        now=now,
-                        ttl_seconds=ttl_seconds,
-                        dns_names=dns_names,
-                        ip_addresses=ip_addresses,
-                    ),
-                    self._key,
-                )
+                leaf = self._build(key, spiffe_id, now, ttl_seconds, dns_names, ip_addresses)
             else:
                 leaf = self._encode(
                     self._encoder, key, spiffe_id, now, ttl_seconds, dns_names, ip_addresses
                 )
         except TemplateError as exc:
             raise InvalidRequest(str(exc)) from None
-        try:
-            validate_leaf(leaf, self._cert, check_signature=False)
-        except CertificateError as exc:
+        # The very bytes that were signed are checked (the issuer's signature is this
+        # signer's own, so it is not verified again).
+        problems = leaf_problems(leaf.der, self._facts)
+        if problems:
             log.error(
                 "refusing to return a certificate that breaks the X509-SVID profile",
                 extra={"authority_id": self._authority_id, "spiffe_id": str(spiffe_id)},
             )
             raise ProfileViolation(
                 f"the certificate signed for {spiffe_id} breaks the X509-SVID profile and was "
-                f"discarded (a bug in meshtls): {exc}"
-            ) from None
+                f"discarded (a bug in meshtls): {'; '.join(problems)}"
+            )
         return leaf
+
+    def _build(
+        self,
+        key: PublicKey,
+        spiffe_id: SpiffeId,
+        now: float,
+        ttl_seconds: int,
+        dns_names: Iterable[str],
+        ip_addresses: Iterable[str | IPAddress],
+    ) -> SignedLeaf:
+        """The leaf from `cryptography`'s certificate builder (`templates.leaf_template`)."""
+        cert = sign(
+            leaf_template(
+                spiffe_id=spiffe_id,
+                public_key=key,
+                issuer=self._issuer,
+                now=now,
+                ttl_seconds=ttl_seconds,
+                dns_names=dns_names,
+                ip_addresses=ip_addresses,
+            ),
+            self._key,
+        )
+        return SignedLeaf(
+            cert.public_bytes(serialization.Encoding.DER),
+            cert.serial_number,
+            cert.not_valid_before_utc.timestamp(),
+            cert.not_valid_after_utc.timestamp(),
+        )
 
     def _encode(
         self,
@@ -264,23 +317,24 @@ class Signer:
         ttl_seconds: int,
         dns_names: Iterable[str],
         ip_addresses: Iterable[str | IPAddress],
-    ) -> x509.Certificate:
-        """`leaf_template` + `sign`, byte for byte (whole seconds, as DER encodes them),
-        without building the certificate out of Python objects."""
+    ) -> SignedLeaf:
+        """`_build`, byte for byte (whole seconds, as DER encodes them), without building
+        the certificate out of Python objects."""
         not_before, not_after = leaf_validity(self._issuer, now, ttl_seconds)
         san = subject_alt_names(
             str(spiffe_id),
             [check_dns_name(n) for n in dns_names],
             [check_ip_address(a) for a in ip_addresses],
         )
+        serial = random_serial()
         tbs = encoder.tbs(
-            serial=random_serial(),
+            serial=serial,
             not_before=not_before,
             not_after=not_after,
             public_key=key,
             san=san,
         )
-        return x509.load_der_x509_certificate(encoder.sign(tbs))
+        return SignedLeaf(encoder.sign(tbs), serial, float(not_before), float(not_after))
 
     def sign_crl(
         self, builder: x509.CertificateRevocationListBuilder

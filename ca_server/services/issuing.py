@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca_server.authority.signer import Signer
@@ -17,20 +17,29 @@ from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.writer import Refused
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.pem import der_to_pem
-from meshtls.identity.x509 import CertificateError, load_csr, serial_hex
+from meshtls.identity.x509 import CertificateError, load_csr
 
 
 @dataclass(frozen=True)
 class Issued:
-    cert: x509.Certificate
-    chain: tuple[x509.Certificate, ...]  # leaf first, then the issuing chain (no root)
     record: CertificateRecord
-    issuer_chain_der: tuple[bytes, ...]  # the signer's chain, encoded once per signer
     der: bytes  # the leaf, as signed (also the source of the record's PEM and fingerprint)
+    issuer_chain: tuple[x509.Certificate, ...]  # the signer's chain (no root)
+    issuer_chain_der: tuple[bytes, ...]  # the same, encoded once per signer
 
     @property
     def chain_der(self) -> list[bytes]:
         return [self.der, *self.issuer_chain_der]
+
+    @cached_property
+    def cert(self) -> x509.Certificate:
+        """The leaf, parsed (only for callers that need the object; replies use `der`)."""
+        return x509.load_der_x509_certificate(self.der)
+
+    @property
+    def chain(self) -> tuple[x509.Certificate, ...]:
+        """Leaf first, then the issuing chain (no root)."""
+        return (self.cert, *self.issuer_chain)
 
 
 @dataclass(frozen=True)
@@ -79,7 +88,7 @@ def issue(
     ip_addresses: Sequence[str] = (),
 ) -> Issued:
     """Sign for the identity the CA decided (a CSR contributes only its public key)."""
-    cert = signer.issue(
+    leaf = signer.issue_der(
         public_key,
         spiffe_id,
         ttl_seconds=int(ttl_seconds),
@@ -87,18 +96,18 @@ def issue(
         dns_names=tuple(dns_names),
         ip_addresses=tuple(ip_addresses),
     )
-    der = cert.public_bytes(serialization.Encoding.DER)
+    der = leaf.der
     record = CertificateRecord(
-        serial=serial_hex(cert),
+        serial=format(leaf.serial, "x"),
         spiffe_id=str(spiffe_id),
         node_name=node_name,
         kind=kind,
         entry_id=entry_id,
         fingerprint_sha256=hashlib.sha256(der).hexdigest(),
-        not_before=cert.not_valid_before_utc.timestamp(),
-        not_after=cert.not_valid_after_utc.timestamp(),
+        not_before=leaf.not_before,
+        not_after=leaf.not_after,
         pem=der_to_pem(der),
         issuer_id=signer.authority_id,
         issued_at=now,
     )
-    return Issued(cert, (cert, *signer.chain), record, signer.chain_der, der)
+    return Issued(record, der, tuple(signer.chain), signer.chain_der)

@@ -25,11 +25,9 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 
-from cryptography import x509
-
 from ca_server.authority.kek import Kek
 from ca_server.authority.keys import decrypt_private_key
-from ca_server.authority.signer import Signer
+from ca_server.authority.signer import SignedLeaf, Signer
 from ca_server.authority.templates import IPAddress
 from ca_server.db.store import Store
 from ca_server.domain import Authority
@@ -97,7 +95,7 @@ class FencedSigner(Signer):
         fenced._fence = fence
         return fenced
 
-    def issue(
+    def issue_der(
         self,
         public_key: object,
         spiffe_id: SpiffeId,
@@ -106,9 +104,9 @@ class FencedSigner(Signer):
         now: float,
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[str | IPAddress] = (),
-    ) -> x509.Certificate:
+    ) -> SignedLeaf:
         self._fence.check(self.authority_id)
-        return super().issue(
+        return super().issue_der(
             public_key,
             spiffe_id,
             ttl_seconds=ttl_seconds,

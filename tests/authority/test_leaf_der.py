@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from ca_server.authority import leaf_der
 from ca_server.authority.keys import CAPrivateKey
-from ca_server.authority.leaf_der import LeafEncoder, read_tlv, subject_alt_names
+from ca_server.authority.leaf_der import LeafEncoder, subject_alt_names
 from ca_server.authority.signer import Signer
 from ca_server.authority.templates import (
     IssuerInfo,
@@ -26,6 +26,7 @@ from ca_server.authority.templates import (
     root_template,
     sign,
 )
+from meshtls.identity.der import read_tlv
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.pem import der_to_pem
 from meshtls.identity.profile import BACKDATE_SECONDS, validate_leaf

@@ -14,7 +14,7 @@ from ca_server.authority.kek import Kek
 from ca_server.authority.keyring import Keyring
 from ca_server.authority.keys import decrypt_private_key, generate_ca_key
 from ca_server.authority.material import bootstrap_authorities
-from ca_server.authority.signer import Signer
+from ca_server.authority.signer import ProfileViolation, Signer
 from ca_server.domain import Authority
 from ca_server.errors import ConfigError, FailedPrecondition, InvalidRequest
 from meshtls.identity.ids import SpiffeId
@@ -147,3 +147,29 @@ def test_issue_is_deterministic_about_time(signer: Signer) -> None:
     later = time.time() + 3600
     leaf = signer.issue(make_key().public_key(), SID, ttl_seconds=60, now=later)
     assert leaf.not_valid_before_utc.timestamp() == pytest.approx(later - BACKDATE_SECONDS, abs=1)
+
+
+def test_issue_der_reports_what_the_leaf_says(signer: Signer, now: float) -> None:
+    leaf = signer.issue_der(make_key().public_key(), SID, ttl_seconds=3600, now=now)
+    parsed = x509.load_der_x509_certificate(leaf.der)
+    assert leaf.serial == parsed.serial_number
+    assert leaf.not_before == parsed.not_valid_before_utc.timestamp()
+    assert leaf.not_after == parsed.not_valid_after_utc.timestamp()
+
+
+def test_a_leaf_that_breaks_the_profile_is_never_returned(
+    signer: Signer, now: float, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Sabotage the DER encoder (serverAuth only in the EKU): the signed leaf is checked
+    from its bytes and discarded with the reason."""
+    from ca_server.authority import leaf_der
+
+    server_only = leaf_der.tlv(0x30, b"\x06\x08\x2b\x06\x01\x05\x05\x07\x03\x01")
+    monkeypatch.setattr(
+        leaf_der,
+        "_EXTENDED_KEY_USAGE",
+        leaf_der._extension(b"\x06\x03\x55\x1d\x25", server_only, critical=False),
+    )
+    with pytest.raises(ProfileViolation, match="ExtendedKeyUsage must include clientAuth"):
+        signer.issue_der(make_key().public_key(), SID, ttl_seconds=3600, now=now)
+    assert "refusing to return a certificate" in caplog.text

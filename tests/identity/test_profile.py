@@ -9,10 +9,17 @@ from typing import Any
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from meshtls.identity.profile import profile_problems, validate_leaf
+from meshtls.identity.der import DerError, time_value
+from meshtls.identity.profile import (
+    ISSUER_NAME_MISMATCH,
+    IssuerFacts,
+    leaf_problems,
+    profile_problems,
+    validate_leaf,
+)
 from meshtls.identity.x509 import CertificateError
 from tests.support.pki import KeyKind, PrivateKey, ThrowawayCA, make_key
 
@@ -253,3 +260,61 @@ def test_aki_follows_the_issuers_own_ski_method() -> None:
     assert "AuthorityKeyIdentifier does not match the issuer's key" in profile_problems(
         sha1_aki, cert
     )
+
+
+@pytest.mark.parametrize(
+    "blob",
+    [
+        b"",
+        b"\x30",
+        b"\x30\x82\xff\xff\x00",
+        b"\x04\x03abc",
+        b"\x30\x03\x02\x01\x01",
+        b"\x30\x0a\x30\x08\xa0\x03\x02\x01\x02\x02\x01\x01",
+    ],
+    ids=["empty", "truncated", "past the end", "not a SEQUENCE", "no TBS", "too few fields"],
+)
+def test_malformed_der_is_one_clear_problem(issuer: ThrowawayCA, blob: bytes) -> None:
+    problems = leaf_problems(blob, IssuerFacts.of(issuer.cert))
+    assert len(problems) == 1
+    assert problems[0].startswith("the certificate is not DER this profile can read")
+
+
+def test_a_truncated_leaf_is_a_problem_not_a_crash(issuer: ThrowawayCA) -> None:
+    der = build_leaf(issuer).public_bytes(serialization.Encoding.DER)
+    facts = IssuerFacts.of(issuer.cert)
+    assert leaf_problems(der, facts) == []
+    for cut in range(1, len(der), 7):
+        problems = leaf_problems(der[:cut], facts)
+        assert problems
+        assert all(isinstance(p, str) for p in problems)
+
+
+def test_the_leaf_issuer_must_be_the_issuers_subject_byte_for_byte(issuer: ThrowawayCA) -> None:
+    other = ThrowawayCA.root(common_name="some other CA")
+    facts = IssuerFacts.of(issuer.cert)
+    leaf = build_leaf(issuer).public_bytes(serialization.Encoding.DER)
+    assert ISSUER_NAME_MISMATCH not in leaf_problems(leaf, facts)
+    wrong = IssuerFacts(other.cert.subject.public_bytes(), facts.key_identifier, facts.not_after)
+    assert ISSUER_NAME_MISMATCH in leaf_problems(leaf, wrong)
+
+
+@pytest.mark.parametrize(
+    ("tag", "text", "expected"),
+    [
+        (0x17, b"491231235959Z", "2049-12-31T23:59:59+00:00"),
+        (0x17, b"500101000000Z", "1950-01-01T00:00:00+00:00"),
+        (0x18, b"20500101000000Z", "2050-01-01T00:00:00+00:00"),
+    ],
+)
+def test_der_times(tag: int, text: bytes, expected: str) -> None:
+    assert dt.datetime.fromtimestamp(time_value(tag, text), dt.UTC).isoformat() == expected
+
+
+@pytest.mark.parametrize(
+    ("tag", "text"),
+    [(0x17, b"4912312359Z"), (0x18, b"20500101000000+0100"), (0x17, b"49123123595aZ")],
+)
+def test_der_times_outside_rfc5280_are_refused(tag: int, text: bytes) -> None:
+    with pytest.raises(DerError):
+        time_value(tag, text)
