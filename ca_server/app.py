@@ -54,7 +54,7 @@ from ca_server.services.jobs import instrumented, watch_expiry
 from ca_server.services.pruning import prune
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
-from ca_server.services.writer import GroupCommitWriter
+from ca_server.services.writer import Writer, open_writer
 from meshtls.clock import Clock, SystemClock, utc
 from meshtls.statushttp import StatusServer
 
@@ -134,7 +134,7 @@ class CAServer:
         self._probe_health: ProbeHealthServicer | None = None
         self.health_port: int | None = None  # the gRPC probe port, when health_listen is set
         self._store: Store | None = None
-        self._writer: GroupCommitWriter | None = None
+        self._writer: Writer | None = None
         self._http: StatusServer | None = None
         self.server_identity: ServerIdentity | None = None
         self.authorities: AuthorityManager | None = None
@@ -228,7 +228,7 @@ class CAServer:
             version = tx.bundle_version()
             revoked = tx.revoked_unexpired(now)
         trust = TrustState(keyring, version, revoked)
-        writer = GroupCommitWriter(store)
+        writer = open_writer(store)
         writer.start()
         self._writer = writer
         ctx = CAContext(

@@ -29,9 +29,18 @@ log = logging.getLogger(__name__)
 TX_KIND_OPTION = "meshtls_tx"
 TX_READ = "read"
 TX_WRITE = "write"
+# A write transaction that does not wait for SQLite's write lock (see `WriteLockBusy`).
+TX_WRITE_NOWAIT = "write-nowait"
+# Seconds a write transaction waits for SQLite's write lock before failing as unavailable.
+SQLITE_BUSY_TIMEOUT = 10.0
 
 SQLITE_DRIVER = "sqlite+pysqlite"
 POSTGRES_DRIVER = "postgresql+psycopg"
+
+
+class WriteLockBusy(Exception):
+    """A no-wait write transaction (`TX_WRITE_NOWAIT`) found SQLite's write lock held by
+    another connection. Nothing was started; try again later."""
 
 
 def sqlite_url(path: Path) -> str:
@@ -103,7 +112,7 @@ def make_engine(
     url: str | URL,
     *,
     pool_size: int = 10,
-    sqlite_busy_timeout: float = 10.0,
+    sqlite_busy_timeout: float = SQLITE_BUSY_TIMEOUT,
     connect_timeout: float = 5.0,
 ) -> Engine:
     """Create the engine for `url` (see `normalize_url`), tuned for the CA's workload.
@@ -165,16 +174,52 @@ def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:
         # on the write lock, so it goes through SQLAlchemy's error translation.
         raw = conn.connection.dbapi_connection
         assert raw is not None
-        if conn.get_execution_options().get(TX_KIND_OPTION) == TX_READ:
+        kind = conn.get_execution_options().get(TX_KIND_OPTION)
+        if kind == TX_READ:
             raw.execute("BEGIN")  # deferred: takes no lock
             raw.execute("PRAGMA query_only=ON")
-        else:
-            # Anything not explicitly a read (store writes, migrations) takes the write
-            # lock up front: waiting for it honours busy_timeout, unlike an upgrade.
-            raw.execute("PRAGMA query_only=OFF")
+            return
+        # Anything not explicitly a read (store writes, migrations) takes the write lock up
+        # front: waiting for it honours busy_timeout, unlike an upgrade.
+        raw.execute("PRAGMA query_only=OFF")
+        raw.execute("PRAGMA busy_timeout=0")  # `_begin_immediate` does the waiting
+        try:
+            wait = 0.0 if kind == TX_WRITE_NOWAIT else busy_timeout
+            if _begin_immediate(raw, time.monotonic() + wait):
+                return
+            if kind == TX_WRITE_NOWAIT:
+                raise WriteLockBusy("another connection holds the SQLite write lock")
+            # Still locked at the deadline: one last try, failing at once through
+            # SQLAlchemy's error translation.
             conn.exec_driver_sql("BEGIN IMMEDIATE")
+        finally:
+            raw.execute(f"PRAGMA busy_timeout={busy_ms}")
 
     return engine
+
+
+# How often a writer retries the write lock another process holds. SQLite's own busy
+# handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between tries, so a writer that meets the
+# lock taken by a transaction of a millisecond or two waits up to ten times as long as it
+# needed to (the tail latency of `serve --workers N` on one SQLite file). Retrying every
+# fraction of a millisecond costs a failed BEGIN (microseconds) per try.
+WRITE_LOCK_RETRY_SECONDS = 0.0002
+
+
+def _begin_immediate(raw: Any, deadline: float) -> bool:
+    """BEGIN IMMEDIATE on a connection whose busy timeout is 0, retried every
+    `WRITE_LOCK_RETRY_SECONDS` while another connection holds the write lock, until
+    `deadline` (time.monotonic). False if it never got the lock."""
+    while True:
+        try:
+            raw.execute("BEGIN IMMEDIATE")
+            return True
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) and "busy" not in str(exc):
+                raise
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(WRITE_LOCK_RETRY_SECONDS)
 
 
 def _enable_wal(cursor: Any, busy_timeout: float) -> None:

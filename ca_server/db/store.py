@@ -20,10 +20,20 @@ from typing import Any
 from sqlalchemy import Connection, Engine
 
 from ca_server.db.failures import translate_errors
-from ca_server.db.session import TX_KIND_OPTION, TX_READ, TX_WRITE, make_engine, redact_url
+from ca_server.db.session import (
+    TX_KIND_OPTION,
+    TX_READ,
+    TX_WRITE,
+    TX_WRITE_NOWAIT,
+    WriteLockBusy,
+    make_engine,
+    redact_url,
+)
 from ca_server.db.tx import Tx
 
 log = logging.getLogger(__name__)
+
+__all__ = ["Store", "WriteLockBusy"]
 
 
 class Store:
@@ -64,11 +74,15 @@ class Store:
         return connection
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def transaction(self, *, wait: bool = True) -> Iterator[Tx]:
         """One read-write transaction: committed when the block ends normally, rolled back
         when it raises. On SQLite it holds the database's single write lock from the
-        start, so keep it short (batch many writes into one, do no slow work inside)."""
-        connection = self._connect(TX_WRITE)
+        start, so keep it short (batch many writes into one, do no slow work inside).
+
+        `wait=False` (SQLite): raise `WriteLockBusy` at once, before the block runs, when
+        another connection holds the write lock, instead of waiting for it (the event
+        loop's writer retries later rather than block). PostgreSQL ignores it."""
+        connection = self._connect(TX_WRITE if wait else TX_WRITE_NOWAIT)
         try:
             with translate_errors():
                 transaction = connection.begin()

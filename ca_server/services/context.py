@@ -19,7 +19,7 @@ from ca_server.services.audit import log_committed
 from ca_server.services.cache import TtlCache
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
-from ca_server.services.writer import GroupCommitWriter
+from ca_server.services.writer import Writer
 from meshtls.clock import Clock
 
 T = TypeVar("T")
@@ -29,7 +29,7 @@ T = TypeVar("T")
 class CAContext:
     config: CAConfig
     store: Store
-    writer: GroupCommitWriter
+    writer: Writer
     trust: TrustState
     clock: Clock
     limiter: RateLimiter

@@ -1,14 +1,24 @@
-"""Group commit: every database write of the CA goes through one writer thread.
+"""Group commit: every database write of the CA goes through one writer per process.
 
 Concurrent requests each submit a unit of work (a function of a write transaction). The
-writer takes every unit waiting in its queue, runs them in ONE transaction and commits, then
-answers each caller: a caller's reply is sent only after the commit that holds its rows,
-so no certificate is returned without its row, and no row exists for a certificate that was
-not returned (a unit that fails takes nothing with it).
+writer takes every unit waiting, runs them in ONE transaction and commits, then answers
+each caller: a caller's reply is sent only after the commit that holds its rows, so no
+certificate is returned without its row, and no row exists for a certificate that was not
+returned (a unit that fails takes nothing with it). If a batch fails, the writer rolls it
+back and runs each unit alone, so one bad unit cannot fail its neighbours.
 
-One writer also serializes writers, which is what SQLite wants (WAL, one writer) and
-costs PostgreSQL little at this size. If a batch fails, the writer rolls it back and runs
-each unit alone, so one bad unit cannot fail its neighbours.
+One writer also serializes the process's writers, which is what SQLite wants (WAL, one
+writer) and costs PostgreSQL little at this size. Two kinds (`open_writer` picks):
+
+- `LoopWriter` (SQLite) commits on the event loop itself. An SQLite write is a few
+  milliseconds of work in this process, and a second Python thread doing it would fight
+  the event loop for the GIL while holding the database's write lock: each of the many
+  times the sqlite3 module hands the GIL back, the writer waits up to the interpreter's
+  switch interval (5 ms) for it, and every writer of every replica waits behind it. When
+  another process holds the write lock, the loop does not wait: it retries a moment later
+  while new units join the batch.
+- `ThreadWriter` (PostgreSQL) commits in a thread, since a commit is a network round trip
+  the event loop must not block on.
 """
 
 from __future__ import annotations
@@ -22,13 +32,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar
 
-from ca_server.db.store import Store
+from ca_server.db.failures import RETRY_AFTER_SECONDS
+from ca_server.db.session import SQLITE_BUSY_TIMEOUT
+from ca_server.db.store import Store, WriteLockBusy
 from ca_server.db.tx import Tx
+from ca_server.errors import Unavailable
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BATCH = 512
+# How soon the loop writer tries again when another process holds SQLite's write lock.
+LOCK_RETRY_SECONDS = 0.0002
 
 
 @dataclass
@@ -59,7 +74,28 @@ class Batchable(Protocol):
     def run_batch(cls, tx: Tx, items: list[Any]) -> list[Any]: ...
 
 
-class GroupCommitWriter:
+class Writer(Protocol):
+    batches: int  # transactions committed (or tried)
+    units: int  # units of work run
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None:
+        """Finish what is queued, then stop; `submit` is refused afterwards."""
+
+    async def submit(self, work: Callable[[Tx], T] | Batchable) -> T:
+        """Run `work` in a write transaction; return its result once committed. A
+        `Refused` result of a batchable unit is raised here as its error."""
+
+
+def open_writer(store: Store) -> Writer:
+    """The writer for `store`'s database: on the event loop for SQLite, a thread otherwise."""
+    if store.dialect == "sqlite":
+        return LoopWriter(store)
+    return ThreadWriter(store)
+
+
+class ThreadWriter:
     def __init__(self, store: Store, *, max_batch: int = MAX_BATCH) -> None:
         self._store = store
         self._max_batch = max_batch
@@ -200,3 +236,111 @@ def _set_results(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
     if not future.done():
         future.set_exception(exc)
+
+
+class LoopWriter:
+    """Group commit on the calling event loop (one loop per writer), for SQLite.
+
+    Units submitted in one turn of the loop share a transaction, and so do units that
+    arrive while the write lock is held by another process: the writer never waits for the
+    lock, it retries every `retry_seconds` until `lock_timeout` has passed, then answers the
+    waiting units Unavailable."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        max_batch: int = MAX_BATCH,
+        lock_timeout: float = SQLITE_BUSY_TIMEOUT,
+        retry_seconds: float = LOCK_RETRY_SECONDS,
+    ) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._lock_timeout = lock_timeout
+        self._retry_seconds = retry_seconds
+        self._pending: list[_Unit[Any]] = []
+        self._alone: list[_Unit[Any]] = []  # from a failed batch: one transaction each
+        self._flush_handle: asyncio.Handle | None = None
+        self._locked_since: float | None = None
+        self._started = False
+        self.batches = 0
+        self.units = 0
+
+    def start(self) -> None:
+        self._started = True
+
+    def stop(self) -> None:
+        """Commit what is still queued (waiting for the write lock as long as any write
+        transaction does), then refuse new units."""
+        self._started = False
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        while self._alone or self._pending:
+            self._step(wait=True)
+
+    async def submit(self, work: Callable[[Tx], T] | Batchable) -> T:
+        if not self._started:
+            raise RuntimeError("the database writer is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append(_Unit(work, loop, future))
+        if self._flush_handle is None:
+            self._flush_handle = loop.call_soon(self._flush)
+        result = await future
+        if isinstance(result, Refused):
+            raise result.error
+        return result
+
+    def _flush(self) -> None:
+        self._flush_handle = None
+        while self._alone or self._pending:
+            try:
+                self._step(wait=False)
+            except WriteLockBusy:
+                now = time.monotonic()
+                if self._locked_since is None:
+                    self._locked_since = now
+                if now - self._locked_since < self._lock_timeout:
+                    self._flush_handle = asyncio.get_running_loop().call_later(
+                        self._retry_seconds, self._flush
+                    )
+                    return
+                self._fail_waiting(now - self._locked_since)
+            self._locked_since = None
+
+    def _step(self, *, wait: bool) -> None:
+        """Commit the next transaction: a unit that must run alone, else the next batch.
+        Raises WriteLockBusy (nothing done) when `wait` is False and the lock is taken."""
+        queue = self._alone if self._alone else self._pending
+        batch = queue[:1] if queue is self._alone else queue[: self._max_batch]
+        try:
+            with self._store.transaction(wait=wait) as tx:
+                results = _run_all(tx, [unit.work for unit in batch])
+        except WriteLockBusy:
+            raise
+        except Exception as exc:  # every failure is handed to its caller
+            if len(batch) == 1:
+                _set_exception(batch[0].future, exc)
+            else:
+                self._alone.extend(batch)  # each runs alone, before anything newer
+            results = None
+        del queue[: len(batch)]
+        if queue is self._pending:
+            self.batches += 1
+            self.units += len(batch)
+        if results is not None:
+            for unit, result in zip(batch, results, strict=True):
+                _set_result(unit.future, result)
+
+    def _fail_waiting(self, waited: float) -> None:
+        error = Unavailable(
+            f"database unavailable: another process has held the SQLite write lock for "
+            f"{waited:.0f} s",
+            retry_after=RETRY_AFTER_SECONDS,
+        )
+        log.warning("database write lock held too long", extra={"waited_seconds": waited})
+        for unit in (*self._alone, *self._pending):
+            _set_exception(unit.future, error)
+        self._alone.clear()
+        self._pending.clear()

@@ -4,6 +4,7 @@ callers see when the database is unreachable or locked."""
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,6 +14,7 @@ from sqlalchemy import exc as sa_exc
 from sqlalchemy import text
 
 from ca_server.db import ReadOnlyTransactionError, Store, Tx, make_engine, migrate, sqlite_url
+from ca_server.db.store import WriteLockBusy
 from ca_server.domain import CertificateRecord, JoinToken
 from ca_server.errors import Unavailable
 from tests.db.builders import T0, audit_event, authority, certificate, entry, join_token, node
@@ -199,3 +201,24 @@ def test_locked_sqlite_database_is_unavailable(tmp_path: Path) -> None:
     finally:
         holder.close()
         store.close()
+
+
+def test_a_no_wait_write_on_a_locked_sqlite_database_fails_at_once(tmp_path: Path) -> None:
+    path = tmp_path / "ca.db"
+    migrate.upgrade(sqlite_url(path))
+    store = Store(make_engine(sqlite_url(path), sqlite_busy_timeout=5))
+    holder = sqlite3.connect(path, isolation_level=None)
+    ran = False
+    try:
+        holder.execute("BEGIN IMMEDIATE")
+        started = time.monotonic()
+        with pytest.raises(WriteLockBusy), store.transaction(wait=False):
+            ran = True
+        assert time.monotonic() - started < 1  # not the 5 s busy timeout
+        holder.execute("ROLLBACK")
+        with store.transaction(wait=False) as tx:
+            assert tx.bump_bundle_version() == 1
+    finally:
+        holder.close()
+        store.close()
+    assert not ran
