@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import sys
@@ -104,6 +105,15 @@ def _config_from(args: argparse.Namespace) -> config_module.CAConfig:
     return config_module.load(file=args.config, overrides=overrides)
 
 
+def _freeze_startup_heap() -> None:
+    """Move everything allocated while starting (modules, schema, gRPC and protobuf
+    descriptors, keys) out of the garbage collector's reach. A full collection otherwise
+    walks all of it and stalls the event loop for ~50 ms each time, which every request in
+    flight sees; after this it walks only what serving allocated (~1 ms)."""
+    gc.collect()
+    gc.freeze()
+
+
 async def _serve(config: config_module.CAConfig, workers: int, worker: bool) -> None:
     from ca_server.app import CAServer
     from ca_server.workers import WorkerPool
@@ -118,6 +128,7 @@ async def _serve(config: config_module.CAConfig, workers: int, worker: bool) -> 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await server.start()
+    _freeze_startup_heap()
     pool = WorkerPool(workers - 1)
     try:
         pool.start()
