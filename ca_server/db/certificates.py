@@ -152,9 +152,17 @@ class CertificateOps(TxBase):
         ).one()
         return {"valid": int(row.valid), "expired": int(row.expired), "revoked": int(row.revoked)}
 
-    def prune_certificates(self, expired_before: float) -> int:
+    def prune_certificates(self, expired_before: float, limit: int | None = None) -> int:
         """Delete records of certificates that expired before `expired_before` (revoked or
-        not: an expired certificate needs no revocation entry). Returns how many."""
+        not: an expired certificate needs no revocation entry), at most `limit` of them
+        (oldest first) when given. Returns how many."""
         self._require_write("prune_certificates")
-        result = self._exec(delete(CERTIFICATES).where(_C.not_after < expired_before))
+        condition = _C.not_after < expired_before
+        if limit is not None:
+            check_limit(limit)
+            oldest = (
+                select(_C.serial).where(condition).order_by(_C.not_after).limit(limit)
+            ).scalar_subquery()
+            condition = _C.serial.in_(oldest)
+        result = self._exec(delete(CERTIFICATES).where(condition))
         return int(result.rowcount)

@@ -118,3 +118,22 @@ async def test_pruning_runs_on_one_replica_at_a_time(
         other = b if holder is a else a
         assert await prune(_ctx(other), retention=0.0) == (0, 0)
         assert await prune(_ctx(holder), retention=30 * 86400.0) == (0, 0)
+
+
+async def test_a_large_prune_is_done_in_short_transactions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ca_server.services import pruning
+    from tests.db.builders import T0, certificate
+
+    monkeypatch.setattr(pruning, "PRUNE_CHUNK", 2)
+    async with running_ca(tmp_path) as ca:
+        ctx = _ctx(ca)
+        expired = [certificate(not_after=T0 - 1000 + i) for i in range(5)]
+        await ctx.writer.submit(lambda tx: tx.add_certificates(expired))
+        batches = ctx.writer.batches
+        assert await prune(ctx, retention=0.0) == (5, 0)
+        # Three chunks of certificates (2 + 2 + 1), then tokens, lease and audit row.
+        assert ctx.writer.batches - batches >= 4
+        with ctx.store.read() as tx:
+            assert all(tx.get_certificate(c.serial) is None for c in expired)

@@ -125,3 +125,20 @@ def test_prune_deletes_long_expired_records(store: Store) -> None:
         assert tx.prune_certificates(expired_before=T0 - 100) == 1
         assert tx.get_certificate(old.serial) is None
         assert tx.get_certificate(recent.serial) == recent
+
+
+def test_prune_in_chunks_takes_the_oldest_first(store: Store) -> None:
+    records = [certificate(not_after=T0 - 1000 + i) for i in range(5)]
+    recent = certificate(not_after=T0 - 10)
+    with store.transaction() as tx:
+        tx.add_certificates([*records, recent])
+    with store.transaction() as tx:
+        assert tx.prune_certificates(expired_before=T0 - 100, limit=2) == 2
+    with store.read() as tx:
+        left = [r.serial for r in records if tx.get_certificate(r.serial) is not None]
+    assert left == [r.serial for r in records[2:]]
+    with store.transaction() as tx:
+        assert tx.prune_certificates(expired_before=T0 - 100, limit=2) == 2
+        assert tx.prune_certificates(expired_before=T0 - 100, limit=2) == 1
+        assert tx.prune_certificates(expired_before=T0 - 100, limit=2) == 0
+        assert tx.get_certificate(recent.serial) == recent
