@@ -415,9 +415,9 @@ class CAServer:
             await self.kubernetes.close()
             self.kubernetes = None
         if self._writer is not None:
-            self._writer.stop()
+            await self._writer.stop()
             self._writer = None
         if self._store is not None:
-            self._store.close()
+            await self._store.aclose()
             self._store = None
         log.info("meshtls CA stopped")

@@ -19,6 +19,7 @@ from typing import Any
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.engine import URL, Connection, make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import ConnectionPoolEntry
 
 from ca_server.errors import ConfigError
@@ -126,23 +127,37 @@ def make_engine(
     if parsed.get_backend_name() == "sqlite":
         engine = _sqlite_engine(parsed, pool_size, sqlite_busy_timeout)
     else:
-        engine = create_engine(
-            parsed,
-            pool_size=pool_size,
-            max_overflow=pool_size,
-            pool_timeout=connect_timeout * 2,
-            pool_pre_ping=True,
-            pool_recycle=1800,
-            connect_args={
-                "connect_timeout": max(1, round(connect_timeout)),
-                "application_name": "meshtls-ca",
-            },
-        )
+        engine = create_engine(parsed, **_postgres_options(pool_size, connect_timeout))
     log.info(
         "database engine created",
         extra={"database": redact_url(parsed), "dialect": engine.dialect.name},
     )
     return engine
+
+
+def _postgres_options(pool_size: int, connect_timeout: float) -> dict[str, Any]:
+    return {
+        "pool_size": pool_size,
+        "max_overflow": pool_size,
+        "pool_timeout": connect_timeout * 2,
+        "pool_pre_ping": True,
+        "pool_recycle": 1800,
+        "connect_args": {
+            "connect_timeout": max(1, round(connect_timeout)),
+            "application_name": "meshtls-ca",
+        },
+    }
+
+
+def make_async_engine(
+    url: str | URL, *, pool_size: int = 5, connect_timeout: float = 5.0
+) -> AsyncEngine:
+    """An asyncio engine for a PostgreSQL `url` (psycopg 3's async connections), with the
+    options of `make_engine`: the event loop awaits the database instead of a thread."""
+    parsed = normalize_url(url)
+    if parsed.get_backend_name() != "postgresql":
+        raise ConfigError("the asyncio engine is for PostgreSQL; SQLite runs on the event loop")
+    return create_async_engine(parsed, **_postgres_options(pool_size, connect_timeout))
 
 
 def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:

@@ -13,11 +13,12 @@ Blocking: every call does synchronous I/O. From asyncio, run transactions in a t
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import Connection, Engine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ca_server.db.failures import translate_errors
 from ca_server.db.session import (
@@ -26,6 +27,7 @@ from ca_server.db.session import (
     TX_WRITE,
     TX_WRITE_NOWAIT,
     WriteLockBusy,
+    make_async_engine,
     make_engine,
     redact_url,
 )
@@ -35,10 +37,13 @@ log = logging.getLogger(__name__)
 
 __all__ = ["Store", "WriteLockBusy"]
 
+T = TypeVar("T")
+
 
 class Store:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
+        self._async_engine: AsyncEngine | None = None  # PostgreSQL, made on first `run`
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -60,10 +65,14 @@ class Store:
         """The database URL with its password hidden (for logs and status)."""
         return redact_url(self._engine.url)
 
-    def _connect(self, kind: str) -> Connection:
+    def _options(self, kind: str) -> dict[str, Any]:
         options: dict[str, Any] = {TX_KIND_OPTION: kind}
         if kind == TX_READ and self.dialect == "postgresql":
             options.update(postgresql_readonly=True, isolation_level="REPEATABLE READ")
+        return options
+
+    def _connect(self, kind: str) -> Connection:
+        options = self._options(kind)
         with translate_errors():
             connection = self._engine.connect()
         try:
@@ -110,9 +119,50 @@ class Store:
         finally:
             connection.close()
 
+    async def run(self, fn: Callable[[Tx], T], *, write: bool) -> T:
+        """PostgreSQL: `fn` in one transaction (`write`: committed unless `fn` raises; else
+        read-only and rolled back, as `transaction()` and `read()`), awaited on the event
+        loop through psycopg's asyncio connections rather than run in a thread. `fn`'s
+        statements suspend the calling task while the database answers."""
+        if self._async_engine is None:
+            self._async_engine = make_async_engine(self._engine.url)
+        with translate_errors():
+            async with self._async_engine.connect() as connection:
+                connection = await connection.execution_options(
+                    **self._options(TX_WRITE if write else TX_READ)
+                )
+                return await _run_in_transaction(connection, fn, write=write)
+
+    async def aclose(self) -> None:
+        """Close every pooled connection, the asyncio ones too (call from the loop that
+        used `run`). The store must not be used afterwards."""
+        if self._async_engine is not None:
+            await self._async_engine.dispose()
+            self._async_engine = None
+        self.close()
+
     def close(self) -> None:
         """Close every pooled connection. The store must not be used afterwards."""
         self._engine.dispose()
+
+
+async def _run_in_transaction(
+    connection: AsyncConnection, fn: Callable[[Tx], T], *, write: bool
+) -> T:
+    transaction = await connection.begin()
+    try:
+        result = await connection.run_sync(lambda sync: fn(Tx(sync, writable=write)))
+    except BaseException:
+        try:
+            await transaction.rollback()
+        except Exception as error:
+            log.warning("database rollback failed", extra={"error_type": type(error).__name__})
+        raise
+    if write:
+        await transaction.commit()
+    else:
+        await transaction.rollback()
+    return result
 
 
 def _rollback_quietly(connection: Connection) -> None:

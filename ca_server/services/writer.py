@@ -17,19 +17,18 @@ writer) and costs PostgreSQL little at this size. Two kinds (`open_writer` picks
   switch interval (5 ms) for it, and every writer of every replica waits behind it. When
   another process holds the write lock, the loop does not wait: it retries a moment later
   while new units join the batch.
-- `ThreadWriter` (PostgreSQL) commits in a thread, since a commit is a network round trip
-  the event loop must not block on.
+- `AsyncWriter` (PostgreSQL) commits on the event loop too, through psycopg's asyncio
+  connections (`Store.run`): while a commit is on the network the loop serves other
+  requests, and the units they submit form the next batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import queue
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar
 
 from ca_server.db.failures import RETRY_AFTER_SECONDS
@@ -49,13 +48,7 @@ LOCK_RETRY_SECONDS = 0.0002
 @dataclass
 class _Unit(Generic[T]):
     work: Callable[[Tx], T] | Batchable
-    loop: asyncio.AbstractEventLoop
     future: asyncio.Future[T]
-    enqueued_at: float = field(default_factory=time.perf_counter)
-
-
-class _Stop:
-    pass
 
 
 @dataclass(frozen=True)
@@ -80,7 +73,7 @@ class Writer(Protocol):
 
     def start(self) -> None: ...
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Finish what is queued, then stop; `submit` is refused afterwards."""
 
     async def submit(self, work: Callable[[Tx], T] | Batchable) -> T:
@@ -89,118 +82,10 @@ class Writer(Protocol):
 
 
 def open_writer(store: Store) -> Writer:
-    """The writer for `store`'s database: on the event loop for SQLite, a thread otherwise."""
+    """The writer for `store`'s database (both commit on the calling event loop)."""
     if store.dialect == "sqlite":
         return LoopWriter(store)
-    return ThreadWriter(store)
-
-
-class ThreadWriter:
-    def __init__(self, store: Store, *, max_batch: int = MAX_BATCH) -> None:
-        self._store = store
-        self._max_batch = max_batch
-        self._queue: queue.SimpleQueue[_Unit[Any] | _Stop] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="meshtls-db-writer", daemon=True)
-        self._started = False
-        self.batches = 0
-        self.units = 0
-
-    def start(self) -> None:
-        if not self._started:
-            self._started = True
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Finish what is queued, then stop the thread."""
-        if self._started:
-            self._queue.put(_Stop())
-            self._thread.join()
-            self._started = False
-
-    async def submit(self, work: Callable[[Tx], T] | Batchable) -> T:
-        """Run `work` in a write transaction; return its result once committed. A
-        `Refused` result of a batchable unit is raised here as its error."""
-        if not self._started:
-            raise RuntimeError("the database writer is not running")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._queue.put(_Unit(work, loop, future))
-        result = await future
-        if isinstance(result, Refused):
-            raise result.error
-        return result
-
-    def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if isinstance(first, _Stop):
-                return
-            batch: list[_Unit[Any]] = [first]
-            stop_after = False
-            while len(batch) < self._max_batch:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if isinstance(item, _Stop):
-                    stop_after = True
-                    break
-                batch.append(item)
-            self._commit(batch)
-            if stop_after:
-                return
-
-    def _commit(self, batch: list[_Unit[Any]]) -> None:
-        self.batches += 1
-        self.units += len(batch)
-        try:
-            with self._store.transaction() as tx:
-                results = _run_all(tx, [unit.work for unit in batch])
-        except Exception as exc:  # every failure is handed to its caller below
-            if len(batch) == 1:
-                _fail(batch[0], exc)
-            else:
-                for unit in batch:
-                    self._commit_alone(unit)
-            return
-        _resolve_all(batch, results)
-
-    def _commit_alone(self, unit: _Unit[Any]) -> None:
-        try:
-            with self._store.transaction() as tx:
-                (result,) = _run_all(tx, [unit.work])
-        except Exception as exc:
-            _fail(unit, exc)
-            return
-        _resolve(unit, result)
-
-
-def _resolve(unit: _Unit[Any], result: Any) -> None:
-    _deliver(unit, _set_result, result)
-
-
-def _resolve_all(batch: list[_Unit[Any]], results: list[Any]) -> None:
-    """Answer a committed batch with one wake-up per event loop rather than one per unit
-    (each wake-up is a write to the loop's self-pipe and a turn of the loop)."""
-    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
-    for unit, result in zip(batch, results, strict=True):
-        by_loop.setdefault(unit.loop, []).append((unit.future, result))
-    for loop, answers in by_loop.items():
-        try:
-            loop.call_soon_threadsafe(_set_results, answers)
-        except RuntimeError:
-            log.warning("a database write finished after its caller's event loop closed")
-
-
-def _deliver(
-    unit: _Unit[Any], setter: Callable[[asyncio.Future[Any], Any], None], value: Any
-) -> None:
-    """Hand the outcome to the caller's loop. A caller whose loop has closed (shutdown)
-    is gone; the writer thread must outlive it and keep serving the others."""
-    try:
-        unit.loop.call_soon_threadsafe(setter, unit.future, value)
-    except RuntimeError:
-        log.warning("a database write finished after its caller's event loop closed")
+    return AsyncWriter(store)
 
 
 def _run_all(tx: Tx, works: list[Any]) -> list[Any]:
@@ -219,18 +104,9 @@ def _run_all(tx: Tx, works: list[Any]) -> list[Any]:
     return results
 
 
-def _fail(unit: _Unit[Any], exc: BaseException) -> None:
-    _deliver(unit, _set_exception, exc)
-
-
 def _set_result(future: asyncio.Future[Any], result: Any) -> None:
     if not future.done():
         future.set_result(result)
-
-
-def _set_results(answers: list[tuple[asyncio.Future[Any], Any]]) -> None:
-    for future, result in answers:
-        _set_result(future, result)
 
 
 def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
@@ -238,7 +114,38 @@ def _set_exception(future: asyncio.Future[Any], exc: BaseException) -> None:
         future.set_exception(exc)
 
 
-class LoopWriter:
+class _GroupCommit:
+    """What both writers share: the queue of units and how a caller submits one."""
+
+    def __init__(self, store: Store, max_batch: int) -> None:
+        self._store = store
+        self._max_batch = max_batch
+        self._pending: list[_Unit[Any]] = []
+        self._started = False
+        self.batches = 0
+        self.units = 0
+
+    def start(self) -> None:
+        self._started = True
+
+    async def submit(self, work: Callable[[Tx], T] | Batchable) -> T:
+        if not self._started:
+            raise RuntimeError("the database writer is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[T] = loop.create_future()
+        self._pending.append(_Unit(work, future))
+        self._wake(loop)
+        result = await future
+        if isinstance(result, Refused):
+            raise result.error
+        return result
+
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Make sure the pending units will be committed."""
+        raise NotImplementedError
+
+
+class LoopWriter(_GroupCommit):
     """Group commit on the calling event loop (one loop per writer), for SQLite.
 
     Units submitted in one turn of the loop share a transaction, and so do units that
@@ -254,22 +161,14 @@ class LoopWriter:
         lock_timeout: float = SQLITE_BUSY_TIMEOUT,
         retry_seconds: float = LOCK_RETRY_SECONDS,
     ) -> None:
-        self._store = store
-        self._max_batch = max_batch
+        super().__init__(store, max_batch)
         self._lock_timeout = lock_timeout
         self._retry_seconds = retry_seconds
-        self._pending: list[_Unit[Any]] = []
         self._alone: list[_Unit[Any]] = []  # from a failed batch: one transaction each
         self._flush_handle: asyncio.Handle | None = None
         self._locked_since: float | None = None
-        self._started = False
-        self.batches = 0
-        self.units = 0
 
-    def start(self) -> None:
-        self._started = True
-
-    def stop(self) -> None:
+    async def stop(self) -> None:
         """Commit what is still queued (waiting for the write lock as long as any write
         transaction does), then refuse new units."""
         self._started = False
@@ -279,18 +178,9 @@ class LoopWriter:
         while self._alone or self._pending:
             self._step(wait=True)
 
-    async def submit(self, work: Callable[[Tx], T] | Batchable) -> T:
-        if not self._started:
-            raise RuntimeError("the database writer is not running")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[T] = loop.create_future()
-        self._pending.append(_Unit(work, loop, future))
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
         if self._flush_handle is None:
             self._flush_handle = loop.call_soon(self._flush)
-        result = await future
-        if isinstance(result, Refused):
-            raise result.error
-        return result
 
     def _flush(self) -> None:
         self._flush_handle = None
@@ -344,3 +234,53 @@ class LoopWriter:
             _set_exception(unit.future, error)
         self._alone.clear()
         self._pending.clear()
+
+
+class AsyncWriter(_GroupCommit):
+    """Group commit on the calling event loop through the store's asyncio connections
+    (PostgreSQL): one batch is committed at a time, and the units submitted meanwhile
+    make up the next."""
+
+    def __init__(self, store: Store, *, max_batch: int = MAX_BATCH) -> None:
+        super().__init__(store, max_batch)
+        self._flusher: asyncio.Task[None] | None = None
+
+    async def stop(self) -> None:
+        self._started = False
+        if self._flusher is not None:
+            await self._flusher
+            self._flusher = None
+
+    def _wake(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._flusher is None or self._flusher.done():
+            self._flusher = loop.create_task(self._flush(), name="db-writer")
+
+    async def _flush(self) -> None:
+        while self._pending:
+            batch = self._pending[: self._max_batch]
+            del self._pending[: len(batch)]
+            self.batches += 1
+            self.units += len(batch)
+            try:
+                results = await self._commit(batch)
+            except Exception as exc:  # every failure is handed to its caller
+                if len(batch) == 1:
+                    _set_exception(batch[0].future, exc)
+                    continue
+                for unit in batch:
+                    await self._commit_alone(unit)
+                continue
+            for unit, result in zip(batch, results, strict=True):
+                _set_result(unit.future, result)
+
+    async def _commit(self, batch: list[_Unit[Any]]) -> list[Any]:
+        works = [unit.work for unit in batch]
+        return await self._store.run(lambda tx: _run_all(tx, works), write=True)
+
+    async def _commit_alone(self, unit: _Unit[Any]) -> None:
+        try:
+            (result,) = await self._commit([unit])
+        except Exception as exc:
+            _set_exception(unit.future, exc)
+            return
+        _set_result(unit.future, result)

@@ -9,7 +9,7 @@ import asyncio
 import secrets
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -21,7 +21,7 @@ from ca_server.db.store import Store
 from ca_server.db.tx import Tx
 from ca_server.domain import JoinToken
 from ca_server.errors import AlreadyExists, Unavailable
-from ca_server.services.writer import LoopWriter, ThreadWriter, Writer, open_writer
+from ca_server.services.writer import AsyncWriter, LoopWriter, Writer, open_writer
 
 
 def _token(name: str) -> JoinToken:
@@ -32,15 +32,15 @@ def _adder(token: JoinToken) -> Callable[[Tx], None]:
     return lambda tx: tx.add_join_token(token)
 
 
-@pytest.fixture(params=["thread", "loop"])
-def writer(request: pytest.FixtureRequest, store: Store) -> Writer:
-    if request.param == "loop" and store.dialect != "sqlite":
-        pytest.skip("the event-loop writer is for SQLite (PostgreSQL commits in a thread)")
-    return ThreadWriter(store) if request.param == "thread" else LoopWriter(store)
+@pytest.fixture
+async def writer(store: Store) -> AsyncIterator[Writer]:
+    """The writer each database gets: LoopWriter (SQLite), AsyncWriter (PostgreSQL)."""
+    yield open_writer(store)
+    await store.aclose()
 
 
 def test_each_database_gets_its_writer(store: Store) -> None:
-    expected = LoopWriter if store.dialect == "sqlite" else ThreadWriter
+    expected = LoopWriter if store.dialect == "sqlite" else AsyncWriter
     assert isinstance(open_writer(store), expected)
 
 
@@ -64,7 +64,7 @@ async def test_one_failing_unit_does_not_take_its_batch_with_it(
             return_exceptions=True,
         )
     finally:
-        writer.stop()
+        await writer.stop()
     assert [o for o in outcomes if isinstance(o, Exception)] == [outcomes[10]]
     assert isinstance(outcomes[10], AlreadyExists)
     with store.read() as tx:
@@ -81,7 +81,7 @@ async def test_one_failing_unit_does_not_take_its_batch_with_it(
 
 async def test_submit_after_stop_is_refused(writer: Writer) -> None:
     writer.start()
-    writer.stop()
+    await writer.stop()
     with pytest.raises(RuntimeError, match="not running"):
         await writer.submit(lambda tx: None)
 
@@ -131,7 +131,7 @@ async def test_the_loop_keeps_running_while_another_process_holds_the_lock(
         await asyncio.wait_for(asyncio.gather(*submitted), timeout=5)
     finally:
         holder.close()
-        writer.stop()
+        await writer.stop()
     assert _tokens_in(store, tokens) == 5
     assert writer.batches == 1  # the units that waited together committed together
 
@@ -152,7 +152,7 @@ async def test_a_lock_held_too_long_is_unavailable_and_writes_nothing(
         await asyncio.wait_for(writer.submit(lambda tx: tx.add_join_token(after)), 5)
     finally:
         holder.close()
-        writer.stop()
+        await writer.stop()
     assert _tokens_in(store, [token]) == 0
     assert _tokens_in(store, [after]) == 1
 
@@ -168,6 +168,6 @@ async def test_stop_commits_what_is_still_queued(sqlite_file: tuple[Store, Path]
     assert not task.done()
     holder.execute("ROLLBACK")
     holder.close()
-    writer.stop()
+    await writer.stop()
     await asyncio.wait_for(task, 5)
     assert _tokens_in(store, [token]) == 1
