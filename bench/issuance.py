@@ -3,7 +3,13 @@ database commit, with `concurrency` clients (each its own enrolled node), on SQL
 PostgreSQL; and, in the same run, the raw rate of building and signing a certificate with
 `cryptography` on one core.
 
-    .venv/bin/python bench/issuance.py [--runs 3] [--seconds 8] [--clients 64] [--batch 1 16]
+    .venv/bin/python bench/issuance.py [--runs 3] [--seconds 8] [--clients 64]
+                                       [--load 1 16 16@2500] [--ca-workers 2]
+
+Each `--load` is a row: `B` is a closed loop with B CSRs per call (every client calls again
+as soon as it has its answer: the most the CA answers, and a latency that is simply
+clients x B / rate), `B@R` an open loop offering R issuances/s in total in calls of B
+(the latency a client sees at that rate, queueing included).
 
 The CA runs as a real `meshtls-ca serve` subprocess; the load generator is this process
 (grpc.aio), on the same 2 cores. A reply counts only after the CA committed its rows (group
@@ -102,6 +108,29 @@ def cpu_seconds(pid: int) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    csrs_per_call: int
+    rate: float  # issuances/s offered in total; 0: closed loop
+
+    @classmethod
+    def parse(cls, text: str) -> LoadSpec:
+        batch, _, rate = text.partition("@")
+        try:
+            spec = cls(int(batch), float(rate) if rate else 0.0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: use B (closed loop, B CSRs per call) or B@R (open loop at R/s)"
+            ) from None
+        if spec.csrs_per_call < 1 or spec.rate < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: B must be >= 1 and R >= 0")
+        return spec
+
+    @property
+    def offered(self) -> str:
+        return f"{self.rate:,.0f}" if self.rate else "closed"
 
 
 @dataclass
@@ -283,13 +312,15 @@ async def bench_database(name: str, url: str | None, args: argparse.Namespace) -
     with tempfile.TemporaryDirectory(prefix="meshtls-bench-") as tmp:
         ca = CAProcess(Path(tmp), url, args.ca_workers)
         try:
-            clients = await enroll_clients(ca, args.clients, max(args.batch))
+            clients = await enroll_clients(
+                ca, args.clients, max(spec.csrs_per_call for spec in args.load)
+            )
             await load(clients, 1, 1.0)  # warm-up
-            for batch in args.batch:
+            for spec in args.load:
                 runs = []
                 for _ in range(args.runs):
                     cpu_before = cpu_seconds(ca.proc.pid)
-                    result = await load(clients, batch, args.seconds, args.rate)
+                    result = await load(clients, spec.csrs_per_call, args.seconds, spec.rate)
                     result.server_cpu = cpu_seconds(ca.proc.pid) - cpu_before
                     runs.append(result)
                 med = sorted(runs, key=lambda r: r.rate)[len(runs) // 2]
@@ -297,7 +328,8 @@ async def bench_database(name: str, url: str | None, args: argparse.Namespace) -
                     [
                         name,
                         str(args.clients),
-                        str(batch),
+                        str(spec.csrs_per_call),
+                        spec.offered,
                         f"{statistics.median(r.rate for r in runs):,.0f}",
                         f"{min(r.rate for r in runs):,.0f}-{max(r.rate for r in runs):,.0f}",
                         f"{med.pct(0.5):.1f}",
@@ -322,20 +354,16 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument(
-        "--batch",
-        type=int,
+        "--load",
+        type=LoadSpec.parse,
         nargs="+",
-        default=[1, 16],
-        help="CSRs per SignIdentities call (identities per node)",
+        default=[LoadSpec(1, 0.0), LoadSpec(16, 0.0), LoadSpec(16, 2500.0)],
+        help="rows to measure: B (closed loop, B CSRs per SignIdentities call) or B@R (open "
+        "loop offering R issuances/s in total); default: 1 16 16@2500",
     )
     parser.add_argument("--databases", nargs="+", default=["sqlite", "postgres"])
-    parser.add_argument("--ca-workers", type=int, default=1, help="meshtls-ca serve --workers")
     parser.add_argument(
-        "--rate",
-        type=float,
-        default=0.0,
-        help="offer this many issuances/s in total (open loop) instead of as many as the CA "
-        "answers; latencies then show the queueing at that rate",
+        "--ca-workers", type=int, default=2, help="meshtls-ca serve --workers (one per core)"
     )
     args = parser.parse_args()
 
@@ -345,6 +373,7 @@ def main() -> int:
         "database",
         "clients",
         "CSRs/call",
+        "offered/s",
         "issued/s (median)",
         "range",
         "p50 ms",

@@ -6,8 +6,11 @@ rolls back and is read-only at the database level too (SQLite ``query_only``, Po
 Driver failures surface as `ca_server.errors.Unavailable` (retryable) or `AlreadyExists`;
 errors raised by the caller inside the block pass through unchanged.
 
-Blocking: every call does synchronous I/O. From asyncio, run transactions in a thread
-(e.g. ``await asyncio.to_thread(...)``). A `Store` is thread-safe; a `Tx` is not.
+Blocking: `transaction()` and `read()` do synchronous I/O. From asyncio, run them in a
+thread (``await asyncio.to_thread(...)``), or inline where that is cheaper than the hand-off
+(short SQLite work: a WAL read takes no lock, and `transaction(wait=False)` never waits for
+the write lock). On PostgreSQL, `await run(fn, write=...)` runs a transaction on the event
+loop through the asyncio driver. A `Store` is thread-safe; a `Tx` is not.
 """
 
 from __future__ import annotations
