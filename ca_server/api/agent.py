@@ -35,8 +35,13 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
         self.ctx = ctx
         self.kubernetes = kubernetes  # None: Kubernetes enrollment is off
 
-    async def _caller(self, context: grpc.aio.ServicerContext) -> AuthenticatedNode:
-        return await nodes.authenticate(self.ctx, peer_certificate(context))
+    async def _caller(
+        self, context: grpc.aio.ServicerContext, *, with_entries: bool = False
+    ) -> AuthenticatedNode:
+        """The calling node; `with_entries` also reads its registration entries in the same
+        database transaction when they are not cached (the call is about to use them)."""
+        also = identities.entries_loader(self.ctx) if with_entries else None
+        return await nodes.authenticate(self.ctx, peer_certificate(context), also=also)
 
     def _bundle(self) -> types_pb2.TrustBundle:
         return convert.bundle(self.ctx.config.trust_domain, self.ctx.trust.snapshot)
@@ -78,7 +83,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def ListIdentities(
         self, request: agent_pb2.ListIdentitiesRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.ListIdentitiesResponse:
-        caller = await self._caller(context)
+        caller = await self._caller(context, with_entries=True)
         entries = await identities.list_for_node(self.ctx, caller)
         return agent_pb2.ListIdentitiesResponse(entries=[convert.entry(e) for e in entries])
 
@@ -86,7 +91,7 @@ class AgentServicer(agent_pb2_grpc.AgentServiceServicer):
     async def SignIdentities(
         self, request: agent_pb2.SignIdentitiesRequest, context: grpc.aio.ServicerContext
     ) -> agent_pb2.SignIdentitiesResponse:
-        caller = await self._caller(context)
+        caller = await self._caller(context, with_entries=True)
         signed = await identities.sign_batch(
             self.ctx, caller, [(r.entry_id, r.csr) for r in request.requests]
         )

@@ -4,10 +4,11 @@ nothing of the batch is signed."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ca_server.db.entries import ALL_NODES
+from ca_server.db.tx import Tx
 from ca_server.domain import Entry
 from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.audit import event
@@ -24,17 +25,27 @@ class SignedIdentity:
     issued: Issued
 
 
+def entries_loader(ctx: CAContext) -> Callable[[Tx, str], tuple[list[Entry], list[Entry]]]:
+    """Reads a node's own entries and the shared ones into the cache `list_for_node` uses
+    (pass it to `nodes.authenticate(also=...)` to read them with the caller's node)."""
+
+    def load(tx: Tx, node_name: str) -> tuple[list[Entry], list[Entry]]:
+        own, shared = tx.entries_for_node(node_name), tx.entries_for_node(ALL_NODES)
+        ctx.entries_cache.put(node_name, own)
+        ctx.entries_cache.put(ALL_NODES, shared)
+        return own, shared
+
+    return load
+
+
 async def list_for_node(ctx: CAContext, caller: AuthenticatedNode) -> list[Entry]:
     """The node's own entries and the entries for every node (`*`), by SPIFFE ID. Each set
     is cached under its own node name, so an entry change clears the one it belongs to."""
     cached_own: list[Entry] | None = ctx.entries_cache.get(caller.name)
     cached_shared: list[Entry] | None = ctx.entries_cache.get(ALL_NODES)
     if cached_own is None or cached_shared is None:
-        own, shared = await ctx.lookup(
-            lambda tx: (tx.entries_for_node(caller.name), tx.entries_for_node(ALL_NODES))
-        )
-        ctx.entries_cache.put(caller.name, own)
-        ctx.entries_cache.put(ALL_NODES, shared)
+        load = entries_loader(ctx)
+        own, shared = await ctx.lookup(lambda tx: load(tx, caller.name))
     else:
         own, shared = cached_own, cached_shared
     if not shared:

@@ -262,13 +262,21 @@ def parse_peer_certificate(pem: bytes | None, trust_domain: str) -> tuple[str, S
     return name, spiffe_id, serial_hex(cert)
 
 
-async def authenticate(ctx: CAContext, peer_pem: bytes | None) -> AuthenticatedNode:
+async def authenticate(
+    ctx: CAContext,
+    peer_pem: bytes | None,
+    *,
+    also: Callable[[Tx, str], object] | None = None,
+) -> AuthenticatedNode:
     """The node behind a verified client certificate, if it may still act.
 
     TLS already checked the chain and validity; here the CA checks that it issued this very
     certificate as the node's current one (or the renewed one, which then becomes current),
     that it is not revoked, and that the node is not banned. Answers are cached for a few
     seconds; local bans and revocations clear them at once.
+
+    `also(tx, node name)` runs in the same read when the database is asked: a call that
+    needs more of the node's rows next (its entries) reads them in one transaction.
     """
     name, spiffe_id, serial = parse_peer_certificate(peer_pem, ctx.config.trust_domain)
     ctx.limiter.check(f"node:{name}")
@@ -277,7 +285,10 @@ async def authenticate(ctx: CAContext, peer_pem: bytes | None) -> AuthenticatedN
         return cached
 
     def load(tx: Tx) -> tuple[Node | None, CertificateRecord | None]:
-        return tx.get_node(name), tx.get_certificate(serial)
+        node, record = tx.get_node(name), tx.get_certificate(serial)
+        if also is not None and node is not None:
+            also(tx, name)
+        return node, record
 
     node, record = await ctx.lookup(load)
     if node is None or record is None or record.kind != "node" or record.node_name != name:
