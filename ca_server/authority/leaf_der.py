@@ -27,30 +27,12 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from ca_server.authority.keys import CAPrivateKey, signature_hash
 from ca_server.authority.templates import IPAddress, IssuerInfo, leaf_template
+from meshtls.identity import der
 from meshtls.identity.der import elements, read_tlv
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.x509 import PublicKey
 
-_SEQUENCE = 0x30
-_OCTET_STRING = 0x04
-_BIT_STRING = 0x03
-_INTEGER = 0x02
-_UTC_TIME = 0x17
-_GENERALIZED_TIME = 0x18
-_EXPLICIT_3 = 0xA3
-_SAN_URI = 0x86
-_SAN_DNS = 0x82
-_SAN_IP = 0x87
-
 _CRITICAL = b"\x01\x01\xff"
-_OID_BASIC_CONSTRAINTS = b"\x06\x03\x55\x1d\x13"
-_OID_KEY_USAGE = b"\x06\x03\x55\x1d\x0f"
-_OID_EXTENDED_KEY_USAGE = b"\x06\x03\x55\x1d\x25"
-_OID_SUBJECT_KEY_IDENTIFIER = b"\x06\x03\x55\x1d\x0e"
-_OID_SUBJECT_ALT_NAME = b"\x06\x03\x55\x1d\x11"
-_OID_SERVER_AUTH = b"\x06\x08\x2b\x06\x01\x05\x05\x07\x03\x01"
-_OID_CLIENT_AUTH = b"\x06\x08\x2b\x06\x01\x05\x05\x07\x03\x02"
-_OID_AUTHORITY_KEY_IDENTIFIER = b"\x06\x03\x55\x1d\x23"
 _PROBE_ID = SpiffeId.parse("spiffe://probe.meshtls.invalid/leaf-encoder")
 _PROBE_DNS = ("probe.meshtls.invalid",)
 _PROBE_SERIAL = (1 << 158) | 0x5EED
@@ -69,33 +51,43 @@ def tlv(tag: int, value: bytes) -> bytes:
     return bytes((tag,)) + _length(len(value)) + value
 
 
+_OID_BASIC_CONSTRAINTS = tlv(der.OID, der.OID_BASIC_CONSTRAINTS)
+_OID_KEY_USAGE = tlv(der.OID, der.OID_KEY_USAGE)
+_OID_EXTENDED_KEY_USAGE = tlv(der.OID, der.OID_EXTENDED_KEY_USAGE)
+_OID_SUBJECT_KEY_IDENTIFIER = tlv(der.OID, der.OID_SUBJECT_KEY_IDENTIFIER)
+_OID_SUBJECT_ALT_NAME = tlv(der.OID, der.OID_SUBJECT_ALT_NAME)
+_OID_SERVER_AUTH = tlv(der.OID, der.OID_SERVER_AUTH)
+_OID_CLIENT_AUTH = tlv(der.OID, der.OID_CLIENT_AUTH)
+_OID_AUTHORITY_KEY_IDENTIFIER = tlv(der.OID, der.OID_AUTHORITY_KEY_IDENTIFIER)
+
+
 def _integer(value: int) -> bytes:
-    return tlv(_INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
+    return tlv(der.INTEGER, value.to_bytes(value.bit_length() // 8 + 1, "big"))
 
 
 @functools.lru_cache(maxsize=64)  # leaves signed within one second share their dates
 def _time(timestamp: int) -> bytes:
     moment = dt.datetime.fromtimestamp(timestamp, dt.UTC)
     if timestamp < _UTC_TIME_END:
-        return tlv(_UTC_TIME, moment.strftime("%y%m%d%H%M%SZ").encode())
-    return tlv(_GENERALIZED_TIME, moment.strftime("%Y%m%d%H%M%SZ").encode())
+        return tlv(der.UTC_TIME, moment.strftime("%y%m%d%H%M%SZ").encode())
+    return tlv(der.GENERALIZED_TIME, moment.strftime("%Y%m%d%H%M%SZ").encode())
 
 
 def _extension(oid: bytes, value: bytes, *, critical: bool) -> bytes:
-    return tlv(_SEQUENCE, oid + (_CRITICAL if critical else b"") + tlv(_OCTET_STRING, value))
+    return tlv(der.SEQUENCE, oid + (_CRITICAL if critical else b"") + tlv(der.OCTET_STRING, value))
 
 
 def _key_usage(*, rsa_key: bool) -> bytes:
     # digitalSignature (bit 0), plus keyEncipherment (bit 2) for RSA keys.
     bits = b"\x05\xa0" if rsa_key else b"\x07\x80"
-    return _extension(_OID_KEY_USAGE, tlv(_BIT_STRING, bits), critical=True)
+    return _extension(_OID_KEY_USAGE, tlv(der.BIT_STRING, bits), critical=True)
 
 
-_BASIC_CONSTRAINTS = _extension(_OID_BASIC_CONSTRAINTS, tlv(_SEQUENCE, b""), critical=True)
+_BASIC_CONSTRAINTS = _extension(_OID_BASIC_CONSTRAINTS, tlv(der.SEQUENCE, b""), critical=True)
 _KEY_USAGE = _key_usage(rsa_key=False)
 _KEY_USAGE_RSA = _key_usage(rsa_key=True)
 _EXTENDED_KEY_USAGE = _extension(
-    _OID_EXTENDED_KEY_USAGE, tlv(_SEQUENCE, _OID_SERVER_AUTH + _OID_CLIENT_AUTH), critical=False
+    _OID_EXTENDED_KEY_USAGE, tlv(der.SEQUENCE, _OID_SERVER_AUTH + _OID_CLIENT_AUTH), critical=False
 )
 
 
@@ -113,12 +105,12 @@ def subject_alt_names(
 ) -> bytes:
     """The SAN extension: the SPIFFE ID, then DNS names, then IPs, in that order. The
     names must already be checked (`templates.check_dns_name`, `check_ip_address`)."""
-    names = tlv(_SAN_URI, uri.encode("ascii"))
+    names = tlv(der.SAN_URI, uri.encode("ascii"))
     for name in dns_names:
-        names += tlv(_SAN_DNS, name.encode("ascii"))
+        names += tlv(der.SAN_DNS, name.encode("ascii"))
     for address in ip_addresses:
-        names += tlv(_SAN_IP, address.packed)
-    return _extension(_OID_SUBJECT_ALT_NAME, tlv(_SEQUENCE, names), critical=True)
+        names += tlv(der.SAN_IP, address.packed)
+    return _extension(_OID_SUBJECT_ALT_NAME, tlv(der.SEQUENCE, names), critical=True)
 
 
 def sign_bytes(key: CAPrivateKey, data: bytes) -> bytes:
@@ -201,7 +193,7 @@ class LeafEncoder:
         )
         ski = _extension(
             _OID_SUBJECT_KEY_IDENTIFIER,
-            tlv(_OCTET_STRING, subject_key_identifier(spki)),
+            tlv(der.OCTET_STRING, subject_key_identifier(spki)),
             critical=False,
         )
         extensions = (
@@ -213,20 +205,20 @@ class LeafEncoder:
             + san
         )
         return tlv(
-            _SEQUENCE,
+            der.SEQUENCE,
             self._version
             + _integer(serial)
             + self._signature_algorithm
             + self._issuer_name
-            + tlv(_SEQUENCE, _time(not_before) + _time(not_after))
+            + tlv(der.SEQUENCE, _time(not_before) + _time(not_after))
             + self._subject
             + spki
-            + tlv(_EXPLICIT_3, tlv(_SEQUENCE, extensions)),
+            + tlv(der.EXPLICIT_3, tlv(der.SEQUENCE, extensions)),
         )
 
     def sign(self, tbs: bytes) -> bytes:
         """The whole certificate: `tbs`, the algorithm, and the signature over `tbs`."""
         signature = sign_bytes(self._key, tbs)
         return tlv(
-            _SEQUENCE, tbs + self._signature_algorithm + tlv(_BIT_STRING, b"\x00" + signature)
+            der.SEQUENCE, tbs + self._signature_algorithm + tlv(der.BIT_STRING, b"\x00" + signature)
         )

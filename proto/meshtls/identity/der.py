@@ -20,6 +20,23 @@ OCTET_STRING = 0x04
 OID = 0x06
 UTC_TIME = 0x17
 GENERALIZED_TIME = 0x18
+EXPLICIT_0 = 0xA0  # TBSCertificate.version
+EXPLICIT_3 = 0xA3  # TBSCertificate.extensions
+SAN_DNS = 0x82  # GeneralName dNSName, [2] IMPLICIT
+SAN_URI = 0x86  # uniformResourceIdentifier, [6]
+SAN_IP = 0x87  # iPAddress, [7]
+KEY_IDENTIFIER = 0x80  # AuthorityKeyIdentifier.keyIdentifier, [0] IMPLICIT
+
+# Object identifiers of an X509-SVID, as the content octets of their OID element.
+OID_BASIC_CONSTRAINTS = b"\x55\x1d\x13"
+OID_KEY_USAGE = b"\x55\x1d\x0f"
+OID_EXTENDED_KEY_USAGE = b"\x55\x1d\x25"
+OID_SUBJECT_KEY_IDENTIFIER = b"\x55\x1d\x0e"
+OID_AUTHORITY_KEY_IDENTIFIER = b"\x55\x1d\x23"
+OID_SUBJECT_ALT_NAME = b"\x55\x1d\x11"
+OID_SERVER_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x01"
+OID_CLIENT_AUTH = b"\x2b\x06\x01\x05\x05\x07\x03\x02"
+OID_RSA_ENCRYPTION = b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"
 
 
 class DerError(ValueError):

@@ -23,21 +23,7 @@ BACKDATE_SECONDS = 30
 
 ISSUER_NAME_MISMATCH = "issuer name does not match the issuing CA's subject"
 
-_EXPLICIT_0 = 0xA0
-_EXPLICIT_3 = 0xA3
-_KEY_IDENTIFIER = 0x80  # AuthorityKeyIdentifier.keyIdentifier, [0] IMPLICIT
-_SAN_URI = 0x86
-_OID_BASIC_CONSTRAINTS = b"\x55\x1d\x13"
-_OID_KEY_USAGE = b"\x55\x1d\x0f"
-_OID_EXTENDED_KEY_USAGE = b"\x55\x1d\x25"
-_OID_SUBJECT_KEY_IDENTIFIER = b"\x55\x1d\x0e"
-_OID_AUTHORITY_KEY_IDENTIFIER = b"\x55\x1d\x23"
-_OID_SUBJECT_ALT_NAME = b"\x55\x1d\x11"
-_OID_RSA_ENCRYPTION = b"\x2a\x86\x48\x86\xf7\x0d\x01\x01\x01"
-_REQUIRED_USAGES = {
-    b"\x2b\x06\x01\x05\x05\x07\x03\x01": "serverAuth",
-    b"\x2b\x06\x01\x05\x05\x07\x03\x02": "clientAuth",
-}
+_REQUIRED_USAGES = {der.OID_SERVER_AUTH: "serverAuth", der.OID_CLIENT_AUTH: "clientAuth"}
 # KeyUsage bits (RFC 5280 4.2.1.3), in the first content octet after the unused-bits one.
 _DIGITAL_SIGNATURE = 0x80
 _KEY_ENCIPHERMENT = 0x20
@@ -103,7 +89,7 @@ def _uris(san: bytes) -> list[str]:
     return [
         san[value_start:value_end].decode("ascii", "replace")
         for tag, value_start, value_end in der.children(san, start, end)
-        if tag == _SAN_URI
+        if tag == der.SAN_URI
     ]
 
 
@@ -126,7 +112,7 @@ def _usages(eku: bytes) -> set[bytes]:
 def _key_identifier(aki: bytes) -> bytes | None:
     start, end = der.expect(aki, 0, der.SEQUENCE)
     for tag, value_start, value_end in der.children(aki, start, end):
-        if tag == _KEY_IDENTIFIER:
+        if tag == der.KEY_IDENTIFIER:
             return aki[value_start:value_end]
     return None
 
@@ -146,7 +132,7 @@ def _leaf_problems(cert: bytes, issuer: IssuerFacts) -> list[str]:
     cert_start, cert_end = der.expect(cert, 0, der.SEQUENCE)
     tbs_start, tbs_end = der.expect(cert, cert_start, der.SEQUENCE, cert_end)
     fields = der.children(cert, tbs_start, tbs_end)
-    if fields[0][0] != _EXPLICIT_0:
+    if fields[0][0] != der.EXPLICIT_0:
         problems.append("the certificate is not X.509 version 3")
         return problems
     (
@@ -158,7 +144,7 @@ def _leaf_problems(cert: bytes, issuer: IssuerFacts) -> list[str]:
         (_, subject_start, subject_end),
         (_, spki_start, spki_end),
     ) = fields[:7]
-    extensions_at = [f for f in fields[7:] if f[0] == _EXPLICIT_3]
+    extensions_at = [f for f in fields[7:] if f[0] == der.EXPLICIT_3]
     if serial_tag != der.INTEGER:
         raise der.DerError("the serial number is not an INTEGER")
     serial = int.from_bytes(cert[serial_start:serial_end], "big", signed=True)
@@ -178,19 +164,19 @@ def _leaf_problems(cert: bytes, issuer: IssuerFacts) -> list[str]:
         problems.append("NotBefore is not before NotAfter")
 
     found = _extensions(cert, extensions_at[0][1], extensions_at[0][2]) if extensions_at else {}
-    san = found.get(_OID_SUBJECT_ALT_NAME)
+    san = found.get(der.OID_SUBJECT_ALT_NAME)
     try:
         spiffe_id_from_uris(_uris(san.value) if san is not None else [])
     except CertificateError as exc:
         problems.append(str(exc))
     if subject_end == subject_start and san is not None and not san.critical:
         problems.append("with an empty subject the SubjectAlternativeName must be critical")
-    bc = found.get(_OID_BASIC_CONSTRAINTS)
+    bc = found.get(der.OID_BASIC_CONSTRAINTS)
     if bc is None or not bc.critical:
         problems.append("BasicConstraints must be present and critical")
     elif _is_ca(bc.value):
         problems.append("a leaf must not be a CA")
-    ku = found.get(_OID_KEY_USAGE)
+    ku = found.get(der.OID_KEY_USAGE)
     if ku is None or not ku.critical:
         problems.append("KeyUsage must be present and critical")
     else:
@@ -201,7 +187,7 @@ def _leaf_problems(cert: bytes, issuer: IssuerFacts) -> list[str]:
             problems.append("a leaf's KeyUsage must not include keyCertSign or cRLSign")
         if bits & _KEY_ENCIPHERMENT and not _is_rsa(cert, spki_start, spki_end):
             problems.append("keyEncipherment is only for RSA keys")
-    eku = found.get(_OID_EXTENDED_KEY_USAGE)
+    eku = found.get(der.OID_EXTENDED_KEY_USAGE)
     if eku is None:
         problems.append("ExtendedKeyUsage must be present")
     else:
@@ -209,9 +195,9 @@ def _leaf_problems(cert: bytes, issuer: IssuerFacts) -> list[str]:
         for oid, name in _REQUIRED_USAGES.items():
             if oid not in usages:
                 problems.append(f"ExtendedKeyUsage must include {name}")
-    if _OID_SUBJECT_KEY_IDENTIFIER not in found:
+    if der.OID_SUBJECT_KEY_IDENTIFIER not in found:
         problems.append("SubjectKeyIdentifier must be present")
-    aki = found.get(_OID_AUTHORITY_KEY_IDENTIFIER)
+    aki = found.get(der.OID_AUTHORITY_KEY_IDENTIFIER)
     if aki is None:
         problems.append("AuthorityKeyIdentifier must be present")
     elif _key_identifier(aki.value) != issuer.key_identifier:
@@ -222,7 +208,7 @@ def _leaf_problems(cert: bytes, issuer: IssuerFacts) -> list[str]:
 def _is_rsa(cert: bytes, spki_start: int, spki_end: int) -> bool:
     algorithm_start, algorithm_end = der.expect(cert, spki_start, der.SEQUENCE, spki_end)
     oid_start, oid_end = der.expect(cert, algorithm_start, der.OID, algorithm_end)
-    return cert[oid_start:oid_end] == _OID_RSA_ENCRYPTION
+    return cert[oid_start:oid_end] == der.OID_RSA_ENCRYPTION
 
 
 def profile_problems(
