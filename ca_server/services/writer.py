@@ -16,7 +16,9 @@ writer) and costs PostgreSQL little at this size. Two kinds (`open_writer` picks
   times the sqlite3 module hands the GIL back, the writer waits up to the interpreter's
   switch interval (5 ms) for it, and every writer of every replica waits behind it. When
   another process holds the write lock, the loop does not wait: it retries a moment later
-  while new units join the batch.
+  while new units join the batch. (The checkpoint SQLite runs inside the commit that fills
+  the log past 1,000 pages, with its fsyncs, runs on the loop too: a few ms on a local disk,
+  more on slow network storage, where PostgreSQL is the database to run.)
 - `AsyncWriter` (PostgreSQL) commits on the event loop too, through psycopg's asyncio
   connections (`Store.run`): while a commit is on the network the loop serves other
   requests, and the units they submit form the next batch.
