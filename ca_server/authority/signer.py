@@ -121,7 +121,6 @@ class Signer:
         "_facts",
         "_issuer",
         "_key",
-        "_not_after",
         "_td",
     )
 
@@ -156,7 +155,6 @@ class Signer:
         self._chain_der = tuple(c.public_bytes(serialization.Encoding.DER) for c in self._chain)
         self._issuer = IssuerInfo.of(cert)
         self._facts = IssuerFacts.of(cert)
-        self._not_after = cert.not_valid_after_utc.timestamp()
         self._encoder = LeafEncoder.for_issuer(key, self._issuer)
         if self._encoder is None:
             log.warning(
@@ -196,7 +194,7 @@ class Signer:
 
     @property
     def not_after(self) -> float:
-        return self._not_after
+        return self._facts.not_after
 
     @property
     def trust_domain(self) -> str | None:
@@ -251,7 +249,7 @@ class Signer:
             raise InvalidRequest(
                 f"{spiffe_id} is not in trust domain {self._td}, the only one this CA signs for"
             )
-        if now >= self._not_after:
+        if now >= self._facts.not_after:
             raise FailedPrecondition(
                 f"the signing intermediate {self._authority_id} expired at "
                 f"{self._issuer.not_after.isoformat()}; rotate to a new intermediate"
