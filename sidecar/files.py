@@ -17,8 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from meshtls.identity.pem import write_atomic
 from sidecar.config import FileSink
@@ -39,6 +41,18 @@ class _Written:
     serial: str
     bundle_version: int
     bundle_fingerprints: tuple[str, ...]
+
+
+async def _finish_even_if_cancelled(work: Coroutine[Any, Any, None]) -> None:
+    """Await `work`; if the caller is cancelled meanwhile, let `work` finish first, then
+    re-raise. A write runs on a thread, which cancellation cannot interrupt: without this a
+    stopped sidecar could still rename files into place after `stop()` returned."""
+    task = asyncio.ensure_future(work)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.wait([task])
+        raise
 
 
 class FileWriter:
@@ -92,7 +106,7 @@ class FileWriter:
             (BUNDLE_FILE, bundle_pem, 0o644),
         )
         try:
-            await asyncio.to_thread(_write_all, sink.dir, files)
+            await _finish_even_if_cancelled(asyncio.to_thread(_write_all, sink.dir, files))
         except OSError as exc:
             self._fail(sink, "write")
             log.error(

@@ -7,12 +7,14 @@ import asyncio
 import os
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.pem import certs_from_pem
+from sidecar import files
 from sidecar.config import FileSink
 from sidecar.files import BUNDLE_FILE, KEY_FILE, SVID_FILE, FileWriter
 from sidecar.identity.keys import key_from_pem, key_matches
@@ -155,3 +157,33 @@ async def test_follows_a_subscription(
         with pytest.raises(asyncio.CancelledError):
             await task
     assert publisher.subscriber_count == 0
+
+
+async def test_a_cancelled_writer_finishes_the_write_in_progress_before_it_stops(
+    tmp_path: Path, root: ThrowawayCA, issuer: ThrowawayCA, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write runs on a thread, which cancellation cannot stop: the writer's task ends only
+    after it, so no file changes once the sidecar has stopped."""
+    out = tmp_path / "web"
+    writer = FileWriter((FileSink(SpiffeId.parse(WEB), out, (), 10.0),))
+    in_write, release = threading.Event(), threading.Event()
+    task_done_when_write_ended: list[bool] = []
+    real_write_all = files._write_all
+
+    def held_write_all(directory: Path, entries: tuple[tuple[str, bytes, int], ...]) -> None:
+        in_write.set()
+        release.wait(30)
+        real_write_all(directory, entries)
+        task_done_when_write_ended.append(task.done())
+
+    monkeypatch.setattr(files, "_write_all", held_write_all)
+    task = asyncio.create_task(writer.apply(snapshot(root, 1, make_identity(issuer, WEB, "e"))))
+    await wait_for(in_write.is_set, what="the write thread started")
+    task.cancel()
+    for _ in range(3):  # let the task see its cancellation
+        await asyncio.sleep(0)
+    release.set()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert task_done_when_write_ended == [False]
+    assert (out / SVID_FILE).exists()
