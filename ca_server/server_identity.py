@@ -20,6 +20,7 @@ from meshtls.clock import utc
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.pem import certs_to_pem
 from meshtls.identity.rotation import Backoff, renewal_time
+from meshtls.identity.x509 import SubjectPublicKey
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +49,7 @@ class ServerIdentity:
         now = ctx.clock.now()
         issued = issue(
             ctx.trust.keyring.signer,
-            key.public_key(),
+            SubjectPublicKey.of(key.public_key()),
             spiffe_id=SpiffeId.for_ca(ctx.config.trust_domain),
             ttl_seconds=self._ttl,
             now=now,

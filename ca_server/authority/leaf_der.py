@@ -19,18 +19,18 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding
 
 from ca_server.authority.keys import CAPrivateKey, signature_hash
 from ca_server.authority.templates import IPAddress, IssuerInfo, leaf_template
 from meshtls.identity import der
 from meshtls.identity.der import elements, read_tlv
 from meshtls.identity.ids import SpiffeId
-from meshtls.identity.x509 import PublicKey
+from meshtls.identity.x509 import SubjectPublicKey
 
 _CRITICAL = b"\x01\x01\xff"
 _PROBE_ID = SpiffeId.parse("spiffe://probe.meshtls.invalid/leaf-encoder")
@@ -113,26 +113,29 @@ def subject_alt_names(
     return _extension(_OID_SUBJECT_ALT_NAME, tlv(der.SEQUENCE, names), critical=True)
 
 
-def sign_bytes(key: CAPrivateKey, data: bytes) -> bytes:
-    """The signature a certificate carries, with the algorithm `templates.sign` uses."""
+def signing_function(key: CAPrivateKey) -> Callable[[bytes], bytes]:
+    """Signs bytes as a certificate's signature, with the algorithm `templates.sign` uses
+    (its parameters built once: constructing them costs a tenth of an ECDSA signature)."""
     if isinstance(key, ed25519.Ed25519PrivateKey):
-        return key.sign(data)
+        return key.sign
     algorithm = signature_hash(key)
     assert algorithm is not None
     if isinstance(key, ec.EllipticCurvePrivateKey):
-        return key.sign(data, ec.ECDSA(algorithm))
-    return key.sign(data, padding.PKCS1v15(), algorithm)
+        ecdsa = ec.ECDSA(algorithm)
+        return lambda data: key.sign(data, ecdsa)
+    pkcs1 = padding.PKCS1v15()
+    return lambda data: key.sign(data, pkcs1, algorithm)
 
 
 class LeafEncoder:
     """Encodes and signs X509-SVID leaves for one issuer. Build it with `for_issuer`."""
 
-    __slots__ = ("_aki", "_issuer_name", "_key", "_signature_algorithm", "_subject", "_version")
+    __slots__ = ("_aki", "_issuer_name", "_sign", "_signature_algorithm", "_subject", "_version")
 
     def __init__(self, key: CAPrivateKey, *, probe: x509.Certificate) -> None:
         """`probe`: a leaf `cryptography` built under this issuer, whose fixed parts
         (version, signature algorithm, issuer name, subject, AKI) are reused."""
-        self._key = key
+        self._sign = signing_function(key)
         tbs = probe.tbs_certificate_bytes
         _, start, end = read_tlv(tbs, 0)
         version, _, algorithm, issuer_name, _, subject, _, extensions = elements(tbs, start, end)
@@ -177,7 +180,7 @@ class LeafEncoder:
                 serial=_PROBE_SERIAL,
                 not_before=int(probe.not_valid_before_utc.timestamp()),
                 not_after=int(probe.not_valid_after_utc.timestamp()),
-                public_key=probe_key,
+                public_key=SubjectPublicKey.of(probe_key),
                 san=subject_alt_names(str(_PROBE_ID), _PROBE_DNS),
             )
         except (ValueError, TypeError, IndexError):
@@ -185,12 +188,16 @@ class LeafEncoder:
         return encoder if ours == probe.tbs_certificate_bytes else None
 
     def tbs(
-        self, *, serial: int, not_before: int, not_after: int, public_key: PublicKey, san: bytes
+        self,
+        *,
+        serial: int,
+        not_before: int,
+        not_after: int,
+        public_key: SubjectPublicKey,
+        san: bytes,
     ) -> bytes:
         """The TBSCertificate of a leaf; `san` from `subject_alt_names`."""
-        spki = public_key.public_bytes(
-            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-        )
+        spki = public_key.spki_der
         ski = _extension(
             _OID_SUBJECT_KEY_IDENTIFIER,
             tlv(der.OCTET_STRING, subject_key_identifier(spki)),
@@ -198,7 +205,7 @@ class LeafEncoder:
         )
         extensions = (
             _BASIC_CONSTRAINTS
-            + (_KEY_USAGE_RSA if isinstance(public_key, rsa.RSAPublicKey) else _KEY_USAGE)
+            + (_KEY_USAGE_RSA if public_key.is_rsa else _KEY_USAGE)
             + _EXTENDED_KEY_USAGE
             + ski
             + self._aki
@@ -218,7 +225,7 @@ class LeafEncoder:
 
     def sign(self, tbs: bytes) -> bytes:
         """The whole certificate: `tbs`, the algorithm, and the signature over `tbs`."""
-        signature = sign_bytes(self._key, tbs)
+        signature = self._sign(tbs)
         return tlv(
             der.SEQUENCE, tbs + self._signature_algorithm + tlv(der.BIT_STRING, b"\x00" + signature)
         )

@@ -43,7 +43,7 @@ from ca_server.domain import Authority
 from ca_server.errors import ConfigError, FailedPrecondition, InvalidRequest
 from meshtls.identity.ids import SCHEME, InvalidSpiffeId, SpiffeId, validate_trust_domain
 from meshtls.identity.profile import IssuerFacts, leaf_problems
-from meshtls.identity.x509 import CertificateError, PublicKey, check_public_key, uri_sans
+from meshtls.identity.x509 import CertificateError, SubjectPublicKey, uri_sans
 
 log = logging.getLogger(__name__)
 
@@ -232,17 +232,21 @@ class Signer:
         dns_names: Iterable[str] = (),
         ip_addresses: Iterable[str | IPAddress] = (),
     ) -> SignedLeaf:
-        """Sign an X509-SVID for `spiffe_id` and `public_key`, valid from now (backdated)
-        for `ttl_seconds` but never past this intermediate's NotAfter.
+        """Sign an X509-SVID for `spiffe_id` and `public_key` (a checked
+        `SubjectPublicKey`, or a key object checked here), valid from now (backdated) for
+        `ttl_seconds` but never past this intermediate's NotAfter.
 
         Raises InvalidRequest (weak key, bad TTL, bad DNS name or IP, foreign trust
         domain), FailedPrecondition (this intermediate has expired), ProfileViolation
         (a bug: the result broke the profile).
         """
-        try:
-            key = check_public_key(public_key)
-        except CertificateError as exc:
-            raise InvalidRequest(str(exc)) from None
+        if isinstance(public_key, SubjectPublicKey):
+            key = public_key
+        else:
+            try:
+                key = SubjectPublicKey.of(public_key)
+            except CertificateError as exc:
+                raise InvalidRequest(str(exc)) from None
         if ttl_seconds <= 0:
             raise InvalidRequest(f"ttl_seconds must be positive, got {ttl_seconds}")
         if self._td is not None and spiffe_id.trust_domain != self._td:
@@ -279,7 +283,7 @@ class Signer:
 
     def _build(
         self,
-        key: PublicKey,
+        key: SubjectPublicKey,
         spiffe_id: SpiffeId,
         now: float,
         ttl_seconds: int,
@@ -290,7 +294,7 @@ class Signer:
         cert = sign(
             leaf_template(
                 spiffe_id=spiffe_id,
-                public_key=key,
+                public_key=key.load(),
                 issuer=self._issuer,
                 now=now,
                 ttl_seconds=ttl_seconds,
@@ -309,7 +313,7 @@ class Signer:
     def _encode(
         self,
         encoder: LeafEncoder,
-        key: PublicKey,
+        key: SubjectPublicKey,
         spiffe_id: SpiffeId,
         now: float,
         ttl_seconds: int,

@@ -13,7 +13,7 @@ from ca_server.domain import Entry
 from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.audit import event
 from ca_server.services.context import CAContext
-from ca_server.services.issuing import Issued, issue, parse_csr
+from ca_server.services.issuing import Issued, csr_public_key, issue
 from ca_server.services.nodes import AuthenticatedNode
 from meshtls.clock import utc
 from meshtls.identity.ids import SpiffeId
@@ -65,10 +65,10 @@ async def sign_batch(
     if len(set(entry_ids)) != len(entry_ids):
         raise InvalidRequest("the same entry appears more than once in the batch")
     # Parse and verify every CSR before signing anything.
-    csrs = []
+    keys = []
     for entry_id, csr_der in requests:
         try:
-            csrs.append(parse_csr(csr_der))
+            keys.append(csr_public_key(csr_der))
         except InvalidRequest as exc:
             raise InvalidRequest(f"entry {entry_id}: {exc.message}") from None
     if len(requests) > 1:
@@ -84,14 +84,14 @@ async def sign_batch(
     now = ctx.clock.now()
     signer = ctx.trust.keyring.signer
     signed = []
-    for (entry_id, _), csr in zip(requests, csrs, strict=True):
+    for (entry_id, _), public_key in zip(requests, keys, strict=True):
         entry = entries[entry_id]
         signed.append(
             SignedIdentity(
                 entry,
                 issue(
                     signer,
-                    csr.public_key(),
+                    public_key,
                     spiffe_id=SpiffeId.parse(entry.spiffe_id),
                     ttl_seconds=entry.ttl_seconds,
                     now=now,

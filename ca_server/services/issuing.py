@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from functools import cached_property
 
 from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 
 from ca_server.authority.signer import Signer
 from ca_server.db.tx import Tx
@@ -17,7 +16,7 @@ from ca_server.errors import InvalidRequest, PermissionDenied
 from ca_server.services.writer import Refused
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.pem import der_to_pem
-from meshtls.identity.x509 import CertificateError, load_csr
+from meshtls.identity.x509 import CertificateError, SubjectPublicKey, load_csr
 
 
 @dataclass(frozen=True)
@@ -66,17 +65,19 @@ class RecordIssuance:
         ]
 
 
-def parse_csr(csr: bytes) -> x509.CertificateSigningRequest:
+def csr_public_key(csr: bytes) -> SubjectPublicKey:
+    """The checked public key of a CSR whose self-signature verifies: all the CA takes
+    from a CSR (InvalidRequest otherwise)."""
     try:
-        parsed, _ = load_csr(csr)
+        _, key = load_csr(csr)
     except CertificateError as exc:
         raise InvalidRequest(str(exc)) from None
-    return parsed
+    return key
 
 
 def issue(
     signer: Signer,
-    public_key: CertificatePublicKeyTypes,
+    public_key: SubjectPublicKey,
     *,
     spiffe_id: SpiffeId,
     ttl_seconds: float,

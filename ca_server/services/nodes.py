@@ -23,10 +23,10 @@ from ca_server.domain import AuditEvent, CertificateRecord, JoinToken, Node
 from ca_server.errors import FailedPrecondition, InvalidRequest, PermissionDenied, Unauthenticated
 from ca_server.services.audit import event, log_committed
 from ca_server.services.context import CAContext
-from ca_server.services.issuing import Issued, issue, parse_csr
+from ca_server.services.issuing import Issued, csr_public_key, issue
 from meshtls.clock import utc
 from meshtls.identity.ids import InvalidSpiffeId, SpiffeId, validate_node_name
-from meshtls.identity.x509 import CertificateError, serial_hex, spiffe_id_of
+from meshtls.identity.x509 import CertificateError, SubjectPublicKey, serial_hex, spiffe_id_of
 
 TOKEN_BYTES = 32  # 256 bits of randomness
 TOKEN_PREFIX = "mjt_"  # noqa: S105 - a public prefix, not a secret
@@ -106,7 +106,7 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
         raise Unauthenticated("a join token is required to enroll")
     if len(token) > 256:
         raise Unauthenticated("join token is not known")
-    csr = parse_csr(csr_der)
+    public_key = csr_public_key(csr_der)
     token_hash = hash_token(token)
     ctx.limiter.check(f"enroll:{peer.rsplit(':', 1)[0]}")
     now = ctx.clock.now()
@@ -118,7 +118,7 @@ async def enroll(ctx: CAContext, token: str, csr_der: bytes, peer: str) -> Enrol
     return await enroll_attested(
         ctx,
         Attestation(node_name, "join_token", actor),
-        csr,
+        public_key,
         peer,
         consume=lambda tx: tx.consume_join_token(token_hash, now),
         events=[event(now, actor, "token.use", node_name, peer=peer)],
@@ -150,16 +150,16 @@ async def enroll_kubernetes(
         validate_node_name(node_name)
     except InvalidSpiffeId as exc:
         raise InvalidRequest(f"node_name: {exc}") from None
-    csr = parse_csr(csr_der)
+    public_key = csr_public_key(csr_der)
     ctx.limiter.check(f"enroll:{peer.rsplit(':', 1)[0]}")
     attestation = await attestor.attest(token, node_name)
-    return await enroll_attested(ctx, attestation, csr, peer)
+    return await enroll_attested(ctx, attestation, public_key, peer)
 
 
 async def enroll_attested(
     ctx: CAContext,
     attestation: Attestation,
-    csr: x509.CertificateSigningRequest,
+    public_key: SubjectPublicKey,
     peer: str,
     *,
     consume: Callable[[Tx], object] | None = None,
@@ -178,7 +178,7 @@ async def enroll_attested(
     ctx.admit_signatures(1)
     issued = issue(
         ctx.trust.keyring.signer,
-        csr.public_key(),
+        public_key,
         spiffe_id=spiffe_id,
         ttl_seconds=ctx.config.node_ttl,
         now=now,
@@ -339,12 +339,12 @@ async def _promote(ctx: CAContext, node: Node, record: CertificateRecord) -> Non
 
 
 async def renew(ctx: CAContext, caller: AuthenticatedNode, csr_der: bytes) -> Issued:
-    csr = parse_csr(csr_der)
+    public_key = csr_public_key(csr_der)
     ctx.admit_signatures(1)
     now = ctx.clock.now()
     issued = issue(
         ctx.trust.keyring.signer,
-        csr.public_key(),
+        public_key,
         spiffe_id=caller.spiffe_id,
         ttl_seconds=ctx.config.node_ttl,
         now=now,

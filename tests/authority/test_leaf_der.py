@@ -30,7 +30,7 @@ from meshtls.identity.der import read_tlv
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.pem import der_to_pem
 from meshtls.identity.profile import BACKDATE_SECONDS, validate_leaf
-from meshtls.identity.x509 import PublicKey
+from meshtls.identity.x509 import PublicKey, SubjectPublicKey
 from tests.support.pki import KeyKind, make_key
 
 SID = SpiffeId.parse("spiffe://example.org/ns/prod/sa/a-rather-long-service-account-name")
@@ -117,7 +117,7 @@ def test_the_encoder_matches_the_builder_byte_for_byte(issuer_kind: str, leaf_ki
             serial=serial,
             not_before=math.floor(now - BACKDATE_SECONDS),
             not_after=math.floor(now + ttl),
-            public_key=public_key,
+            public_key=SubjectPublicKey.of(public_key),
             san=subject_alt_names(str(SID), dns, [ipaddress.ip_address(a) for a in ips]),
         )
         assert ours == expected, (dns, ips, ttl)
@@ -136,7 +136,7 @@ def test_dates_from_2050_on_are_generalized_time() -> None:
         serial=serial,
         not_before=math.floor(late - BACKDATE_SECONDS),
         not_after=math.floor(late + 7200),  # 2050-01-01 01:00
-        public_key=public_key,
+        public_key=SubjectPublicKey.of(public_key),
         san=subject_alt_names(str(SID)),
     )
     assert ours == _builder_tbs(issuer, key, public_key, late, 7200, (), (), serial)
@@ -153,7 +153,7 @@ def test_a_signed_leaf_verifies_and_passes_the_profile() -> None:
             serial=(1 << 158) | 99,
             not_before=int(NOW),
             not_after=int(NOW) + 600,
-            public_key=ec.generate_private_key(ec.SECP256R1()).public_key(),
+            public_key=SubjectPublicKey.of(ec.generate_private_key(ec.SECP256R1()).public_key()),
             san=subject_alt_names(str(SID)),
         )
         leaf = x509.load_der_x509_certificate(encoder.sign(tbs))

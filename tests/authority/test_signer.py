@@ -33,7 +33,7 @@ def test_csr_keys_that_are_allowed_get_a_valid_svid(
     leaf = signer.issue(public_key, SID, ttl_seconds=3600, now=now, dns_names=["web.example.org"])
     validate_leaf(leaf, signer.cert)
     assert spiffe_id_of(leaf) == SID
-    assert leaf.public_key() == public_key
+    assert leaf.public_key() == public_key.load()
     assert leaf.not_valid_before_utc.timestamp() == pytest.approx(now - BACKDATE_SECONDS, abs=1)
     assert leaf.not_valid_after_utc.timestamp() == pytest.approx(now + 3600, abs=1)
     # The chain sent after the leaf is the intermediate alone; the root is the bundle.

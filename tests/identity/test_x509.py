@@ -6,11 +6,13 @@ import hashlib
 
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.x509 import (
     CertificateError,
+    SubjectPublicKey,
     Validity,
     check_public_key,
     fingerprint_sha256,
@@ -30,7 +32,48 @@ def test_allowed_keys_pass_and_their_csrs_load(kind: KeyKind) -> None:
     for pem in (False, True):
         csr, public_key = load_csr(make_csr(key, pem=pem))
         assert csr.is_signature_valid
-        assert public_key == key.public_key()
+        # The key as a certificate will carry it: byte for byte cryptography's encoding,
+        # whether it was recognised from its header (P-256, P-384, Ed25519) or loaded (RSA).
+        assert public_key == SubjectPublicKey.of(key.public_key())
+        assert public_key.load() == key.public_key()
+        assert public_key.is_rsa == (kind == "rsa2048")
+
+
+def _tlv(tag: int, value: bytes) -> bytes:
+    assert len(value) < 0x80 or len(value) < 0x100
+    length = bytes([len(value)]) if len(value) < 0x80 else b"\x81" + bytes([len(value)])
+    return bytes([tag]) + length + value
+
+
+def _p256_csr_with_spki(key: ec.EllipticCurvePrivateKey, spki: bytes) -> bytes:
+    """A PKCS#10 request carrying `spki`, signed by `key` (built by hand: cryptography's
+    builder always encodes the key itself, uncompressed)."""
+    info = _tlv(0x30, b"\x02\x01\x00" + _tlv(0x30, b"") + spki + b"\xa0\x00")
+    signature = key.sign(info, ec.ECDSA(hashes.SHA256()))
+    ecdsa_with_sha256 = bytes.fromhex("300a06082a8648ce3d040302")
+    return _tlv(0x30, info + ecdsa_with_sha256 + _tlv(0x03, b"\x00" + signature))
+
+
+def test_a_compressed_p256_key_is_accepted_and_carried_uncompressed() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    compressed = key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.CompressedPoint
+    )
+    header = bytes.fromhex("3039301306072a8648ce3d020106082a8648ce3d030107032200")
+    _, public_key = load_csr(_p256_csr_with_spki(key, header + compressed))
+    assert public_key == SubjectPublicKey.of(key.public_key())
+
+
+def test_a_p256_point_off_the_curve_is_refused() -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    spki = bytearray(
+        key.public_key().public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+    )
+    spki[-1] ^= 0x01  # Y no longer matches X: the header is right, the point is not
+    with pytest.raises(CertificateError, match="public key cannot be read"):
+        load_csr(_p256_csr_with_spki(key, bytes(spki)))
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from cryptography.x509.verification import PolicyBuilder, Store, VerificationErr
 from ca_server.services.context import CAContext
 from ca_server.services.issuing import issue
 from meshtls.identity.ids import SpiffeId
+from meshtls.identity.x509 import SubjectPublicKey
 
 
 def verifies(
@@ -42,7 +43,7 @@ async def issue_recorded_leaf(
     signer = ctx.trust.keyring.signer
     issued = issue(
         signer,
-        public_key,
+        SubjectPublicKey.of(public_key),
         spiffe_id=spiffe_id,
         ttl_seconds=ttl,
         now=ctx.clock.now(),

@@ -8,6 +8,7 @@ fragment, port or user info; at most 2048 bytes in all.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -60,33 +61,9 @@ class SpiffeId:
 
     @classmethod
     def parse(cls, text: str) -> SpiffeId:
-        if len(text.encode()) > MAX_ID_BYTES:
-            raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
-        if not text.startswith(SCHEME):
-            raise InvalidSpiffeId(f"{text!r} is not a SPIFFE ID: it must start with {SCHEME!r}")
-        rest = text[len(SCHEME) :]
-        for bad, what in (("?", "a query"), ("#", "a fragment"), ("@", "user info")):
-            if bad in rest:
-                raise InvalidSpiffeId(f"SPIFFE ID {text!r} must not contain {what}")
-        trust_domain, slash, path = rest.partition("/")
-        if ":" in trust_domain:
-            raise InvalidSpiffeId(f"SPIFFE ID {text!r} must not contain a port")
-        validate_trust_domain(trust_domain)
-        if not slash or not path:
-            raise InvalidSpiffeId(f"SPIFFE ID {text!r} needs a path after the trust domain")
-        for segment in path.split("/"):
-            if segment == "":
-                raise InvalidSpiffeId(
-                    f"SPIFFE ID {text!r} has an empty path segment or a trailing '/'"
-                )
-            if segment in {".", ".."}:
-                raise InvalidSpiffeId(f"SPIFFE ID {text!r} must not have '.' or '..' segments")
-            if not _SEGMENT_RE.fullmatch(segment):
-                raise InvalidSpiffeId(
-                    f"SPIFFE ID {text!r}: path segment {segment!r} may hold only letters, "
-                    "digits, '.', '-' and '_'"
-                )
-        return cls(trust_domain, path)
+        """InvalidSpiffeId unless `text` is a valid SPIFFE ID. Answers are cached: every
+        issuance parses its entry's ID and checks it again in the signed certificate."""
+        return _parse(text)
 
     @classmethod
     def for_node(cls, trust_domain: str, node_name: str) -> SpiffeId:
@@ -111,3 +88,32 @@ class SpiffeId:
 
     def __str__(self) -> str:
         return f"{SCHEME}{self.trust_domain}/{self.path}"
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(text: str) -> SpiffeId:
+    if len(text.encode()) > MAX_ID_BYTES:
+        raise InvalidSpiffeId(f"SPIFFE ID is longer than {MAX_ID_BYTES} bytes")
+    if not text.startswith(SCHEME):
+        raise InvalidSpiffeId(f"{text!r} is not a SPIFFE ID: it must start with {SCHEME!r}")
+    rest = text[len(SCHEME) :]
+    for bad, what in (("?", "a query"), ("#", "a fragment"), ("@", "user info")):
+        if bad in rest:
+            raise InvalidSpiffeId(f"SPIFFE ID {text!r} must not contain {what}")
+    trust_domain, slash, path = rest.partition("/")
+    if ":" in trust_domain:
+        raise InvalidSpiffeId(f"SPIFFE ID {text!r} must not contain a port")
+    validate_trust_domain(trust_domain)
+    if not slash or not path:
+        raise InvalidSpiffeId(f"SPIFFE ID {text!r} needs a path after the trust domain")
+    for segment in path.split("/"):
+        if segment == "":
+            raise InvalidSpiffeId(f"SPIFFE ID {text!r} has an empty path segment or a trailing '/'")
+        if segment in {".", ".."}:
+            raise InvalidSpiffeId(f"SPIFFE ID {text!r} must not have '.' or '..' segments")
+        if not _SEGMENT_RE.fullmatch(segment):
+            raise InvalidSpiffeId(
+                f"SPIFFE ID {text!r}: path segment {segment!r} may hold only letters, "
+                "digits, '.', '-' and '_'"
+            )
+    return SpiffeId(trust_domain, path)
