@@ -21,11 +21,9 @@ def ts(value: float | None) -> Timestamp | None:
 
 
 def bundle(trust_domain: str, snapshot: TrustSnapshot) -> types_pb2.TrustBundle:
-    from cryptography.hazmat.primitives.serialization import Encoding
-
     return types_pb2.TrustBundle(
         trust_domain=trust_domain,
-        root_certificates=[c.public_bytes(Encoding.DER) for c in snapshot.roots],
+        root_certificates=snapshot.roots_der,
         version=snapshot.version,
         refresh_hint_seconds=BUNDLE_REFRESH_HINT_SECONDS,
     )

@@ -13,6 +13,7 @@ from ca_server.db.txbase import TxBase, check_limit
 from ca_server.domain import AuditEvent
 
 _AE = AUDIT_EVENTS.c
+_INSERT_AUDIT_EVENT = AUDIT_EVENTS.insert()  # built once: issuance inserts at every commit
 
 
 def _event(row: Any) -> AuditEvent:
@@ -43,7 +44,7 @@ class AuditOps(TxBase):
             }
             for event in events
         ]
-        self._exec(AUDIT_EVENTS.insert(), rows, what="audit event")
+        self._exec(_INSERT_AUDIT_EVENT, rows, what="audit event")
 
     def list_audit_events(
         self, *, limit: int, action: str | None = None, subject: str | None = None

@@ -16,6 +16,7 @@ from ca_server.errors import NotFound
 
 _C = CERTIFICATES.c
 _GET_CERTIFICATE = select(CERTIFICATES).where(_C.serial == bindparam("serial"))  # built once
+_INSERT_CERTIFICATE = CERTIFICATES.insert()  # built once: the issuance hot path
 
 
 def _record(row: Any) -> CertificateRecord:
@@ -63,7 +64,7 @@ class CertificateOps(TxBase):
         self._require_write("add_certificates")
         if not certs:
             return
-        self._exec(CERTIFICATES.insert(), [_values(cert) for cert in certs], what="certificate")
+        self._exec(_INSERT_CERTIFICATE, [_values(cert) for cert in certs], what="certificate")
 
     def get_certificate(self, serial: str) -> CertificateRecord | None:
         row = self._exec(_GET_CERTIFICATE, {"serial": serial}).one_or_none()

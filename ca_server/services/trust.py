@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
+from functools import cached_property
 
 from cryptography import x509
 
 from ca_server.authority.keyring import Keyring
 from ca_server.domain import CertificateRecord
-from meshtls.identity.pem import certs_to_pem
+from meshtls.identity.pem import certs_to_der, certs_to_pem
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,11 @@ class TrustSnapshot:
     @property
     def roots_pem(self) -> bytes:
         return certs_to_pem(self.roots)
+
+    @cached_property
+    def roots_der(self) -> tuple[bytes, ...]:
+        """The roots DER-encoded, once per snapshot (every agent reply carries them)."""
+        return tuple(certs_to_der(self.roots))
 
 
 class TrustState:
