@@ -301,9 +301,11 @@ async def load(
 
 
 def start_postgres() -> tuple[object, str]:
+    """A PostgreSQL server with its durable defaults (fsync and synchronous commit on,
+    unlike the test suite's): a commit here is on disk before the CA answers."""
     from tests.support.postgres import start_postgres as start
 
-    server = start()
+    server = start(durable=True)
     return server, server.create_database()
 
 

@@ -79,6 +79,7 @@ class PostgresServer:
     base_dir: Path
     port: int
     run_as: str | None
+    durable: bool = False  # False: fsync and synchronous commit off (fast tests)
     process: subprocess.Popen[bytes] | None = None
     databases: list[str] = field(default_factory=list)
 
@@ -157,13 +158,14 @@ class PostgresServer:
         )
 
     def start(self) -> None:
+        durability = "on" if self.durable else "off"
         settings: Sequence[tuple[str, str]] = (
             ("listen_addresses", "127.0.0.1"),
             ("port", str(self.port)),
             ("unix_socket_directories", str(self.socket_dir)),
-            ("fsync", "off"),
-            ("synchronous_commit", "off"),
-            ("full_page_writes", "off"),
+            ("fsync", durability),
+            ("synchronous_commit", durability),
+            ("full_page_writes", durability),
             ("max_connections", "200"),
             ("shared_buffers", "32MB"),
             ("log_min_messages", "warning"),
@@ -243,8 +245,9 @@ def _run_as_user() -> str | None:
     return SUPERUSER
 
 
-def start_postgres(attempts: int = 3) -> PostgresServer:
-    """initdb + start a server; retries on a fresh port if the chosen one was taken."""
+def start_postgres(attempts: int = 3, *, durable: bool = False) -> PostgresServer:
+    """initdb + start a server; retries on a fresh port if the chosen one was taken.
+    Tests run without fsync; `durable` keeps PostgreSQL's defaults (benchmarks)."""
     bin_dir = find_bin_dir()
     if bin_dir is None:
         raise PostgresUnavailable(INSTALL_HINT)
@@ -253,7 +256,9 @@ def start_postgres(attempts: int = 3) -> PostgresServer:
     if run_as is not None:
         user = pwd.getpwnam(run_as)
         os.chown(base_dir, user.pw_uid, user.pw_gid)
-    server = PostgresServer(bin_dir=bin_dir, base_dir=base_dir, port=free_port(), run_as=run_as)
+    server = PostgresServer(
+        bin_dir=bin_dir, base_dir=base_dir, port=free_port(), run_as=run_as, durable=durable
+    )
     try:
         server.initdb()
         server.socket_dir.mkdir()
