@@ -103,10 +103,11 @@ async def sign_batch(
             )
         )
     records = [s.issued.record for s in signed]
+    actor = str(caller.spiffe_id)
     events = [
         event(
             now,
-            str(caller.spiffe_id),
+            actor,
             "certificate.issue",
             r.serial,
             kind="workload",
