@@ -9,6 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from meshtls.identity import x509 as x509_helpers
 from meshtls.identity.ids import SpiffeId
 from meshtls.identity.x509 import (
     CertificateError,
@@ -37,6 +38,9 @@ def test_allowed_keys_pass_and_their_csrs_load(kind: KeyKind) -> None:
         assert public_key == SubjectPublicKey.of(key.public_key())
         assert public_key.load() == key.public_key()
         assert public_key.is_rsa == (kind == "rsa2048")
+        # The fixed headers are right: every allowed key but RSA takes the fast path.
+        recognised = x509_helpers._fixed_header_key(public_key.spki_der)
+        assert (recognised == public_key) == (kind != "rsa2048")
 
 
 def _tlv(tag: int, value: bytes) -> bytes:
