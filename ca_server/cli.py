@@ -21,6 +21,7 @@ from ca_server import config as config_module
 from ca_server.admin_commands import COMMANDS, AdminClient
 from ca_server.errors import CAError, ConfigError
 from meshtls import logs
+from meshtls.event_loop import run as run_event_loop
 
 log = logging.getLogger("meshtls.ca")
 
@@ -145,7 +146,7 @@ def _run(args: argparse.Namespace) -> int:
         # Alembic narrates every start at INFO; our own log line says what was applied.
         logging.getLogger("alembic").setLevel(logging.WARNING)
         config = _config_from(args)
-        asyncio.run(_serve(config, args.workers, args.worker))
+        run_event_loop(_serve(config, args.workers, args.worker))
         return EXIT_OK
     if args.command == "db":
         from ca_server.db import migrate

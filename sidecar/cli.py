@@ -18,13 +18,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from meshtls.event_loop import run as run_event_loop
 from meshtls.logs import configure as configure_logging
 from sidecar import fetch
 from sidecar.app import SidecarApp
 from sidecar.config import SidecarConfig, load_config
 from sidecar.errors import SidecarError
 from sidecar.fields import Address, parse_address
-from sidecar.proxy.loop import run as run_event_loop
 
 PROG = "meshtls-sidecar"
 EXIT_OK, EXIT_NOT_READY, EXIT_USAGE = 0, 1, 2
