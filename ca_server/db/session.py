@@ -4,7 +4,8 @@
 SQLite transactions are driven by SQLAlchemy, not by the sqlite3 module (the documented
 pysqlite event recipe): write transactions start with ``BEGIN IMMEDIATE`` so two writers
 never deadlock on a SHARED -> RESERVED lock upgrade; read transactions start with a plain
-``BEGIN`` and run with ``PRAGMA query_only`` on.
+``BEGIN`` and run with ``PRAGMA query_only`` on. A pooled connection keeps its read or write
+mode between transactions and switches only when the other kind needs it.
 """
 
 from __future__ import annotations
@@ -168,6 +169,10 @@ def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:
         connect_args={"timeout": busy_timeout, "check_same_thread": False},
     )
     busy_ms = max(0, round(busy_timeout * 1000))
+    read_mode = (f"PRAGMA busy_timeout={busy_ms}", "PRAGMA query_only=ON")
+    # A writer's wait for the lock is `_begin_immediate`'s, which retries much sooner
+    # than SQLite's own busy handler; inside BEGIN IMMEDIATE nothing waits in WAL mode.
+    write_mode = ("PRAGMA busy_timeout=0", "PRAGMA query_only=OFF")
 
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: ConnectionPoolEntry) -> None:
@@ -191,27 +196,37 @@ def _sqlite_engine(url: URL, pool_size: int, busy_timeout: float) -> Engine:
         assert raw is not None
         kind = conn.get_execution_options().get(TX_KIND_OPTION)
         if kind == TX_READ:
+            _set_mode(conn, raw, read_mode)
             raw.execute("BEGIN")  # deferred: takes no lock
-            raw.execute("PRAGMA query_only=ON")
             return
         # Anything not explicitly a read (store writes, migrations) takes the write lock up
-        # front: waiting for it honours busy_timeout, unlike an upgrade.
-        raw.execute("PRAGMA query_only=OFF")
-        raw.execute("PRAGMA busy_timeout=0")  # `_begin_immediate` does the waiting
-        try:
-            wait = 0.0 if kind == TX_WRITE_NOWAIT else busy_timeout
-            if _begin_immediate(raw, time.monotonic() + wait):
-                return
-            if kind == TX_WRITE_NOWAIT:
-                raise WriteLockBusy("another connection holds the SQLite write lock")
-            # Still locked at the deadline: one last try, failing at once through
-            # SQLAlchemy's error translation.
-            conn.exec_driver_sql("BEGIN IMMEDIATE")
-        finally:
-            raw.execute(f"PRAGMA busy_timeout={busy_ms}")
+        # front: waiting for it honours busy_timeout, unlike a SHARED -> RESERVED upgrade.
+        _set_mode(conn, raw, write_mode)
+        wait = 0.0 if kind == TX_WRITE_NOWAIT else busy_timeout
+        if _begin_immediate(raw, time.monotonic() + wait):
+            return
+        if kind == TX_WRITE_NOWAIT:
+            raise WriteLockBusy("another connection holds the SQLite write lock")
+        # Still locked at the deadline: one last try, failing at once through
+        # SQLAlchemy's error translation.
+        conn.exec_driver_sql("BEGIN IMMEDIATE")
 
     return engine
 
+
+def _set_mode(conn: Connection, raw: Any, mode: tuple[str, ...]) -> None:
+    """Put a pooled connection in read or write mode, unless it already is. The mode
+    stays with the connection between checkouts: setting ``query_only`` (like any flag
+    pragma) makes SQLite discard every statement the connection has prepared, so setting
+    it for every transaction re-parsed each INSERT of every commit."""
+    info = conn.connection.info
+    if info.get(_MODE_KEY) != mode:
+        for pragma in mode:
+            raw.execute(pragma)
+        info[_MODE_KEY] = mode
+
+
+_MODE_KEY = "meshtls_sqlite_mode"
 
 # How often a writer retries the write lock another process holds. SQLite's own busy
 # handler sleeps 1, 2, 5, 10, 15, 20, 25 ... ms between tries, so a writer that meets the
