@@ -46,7 +46,7 @@ from ca_server.metrics import CAMetrics
 from ca_server.server_identity import ServerIdentity
 from ca_server.services.audit import event, log_committed
 from ca_server.services.authorities import AuthorityManager
-from ca_server.services.cache import TtlCache
+from ca_server.services.cache import AccessCache
 from ca_server.services.cluster_events import TrustChangeListener
 from ca_server.services.context import CAContext
 from ca_server.services.crl import CrlCache
@@ -60,9 +60,11 @@ from meshtls.statushttp import StatusServer
 
 log = logging.getLogger(__name__)
 
-# How long a node's authentication and entry list may be served from memory. Local bans,
-# revocations and entry changes clear them at once; another replica's, within this time.
-AUTH_CACHE_SECONDS = 2.0
+# The longest a node's authentication and entry list are served from memory. Local bans,
+# revocations and entry changes clear them at once; another replica's as soon as this one
+# learns the newer access version (the signing fence's heartbeat reads it every
+# trust_poll_interval / 4: 0.25 s by default). This bound is for when that never happens.
+AUTH_CACHE_SECONDS = 30.0
 
 
 class _CreatedElsewhere(Exception):
@@ -244,8 +246,8 @@ class CAServer:
                 config.signing_rate_limit, int(2 * config.signing_rate_limit), self.clock.now
             ),
             metrics=self.metrics,
-            auth_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
-            entries_cache=TtlCache(AUTH_CACHE_SECONDS, self.clock.now),
+            auth_cache=AccessCache(AUTH_CACHE_SECONDS, self.clock.now),
+            entries_cache=AccessCache(AUTH_CACHE_SECONDS, self.clock.now),
         )
         ctx.crl = CrlCache()
         self.ctx = ctx

@@ -152,13 +152,16 @@ class AuditEventRow(Base):
 
 class TrustStateRow(Base):
     """One row (id 1), created by the initial migration. `bundle_version` grows by one
-    whenever the trust bundle or the revocation list changes, so peers can tell."""
+    whenever the trust bundle or the revocation list changes, so peers can tell;
+    `access_version` whenever a node's ban or current certificate or a registration entry
+    changes, so CA replicas drop what they cached about nodes and entries."""
 
     __tablename__ = "trust_state"
     __table_args__ = (CheckConstraint("id = 1", name="single_row"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
     bundle_version: Mapped[int] = mapped_column(BigInteger)
+    access_version: Mapped[int] = mapped_column(BigInteger, server_default="0")
 
 
 class LeaseRow(Base):

@@ -65,6 +65,7 @@ class NodeOps(TxBase):
                 "banned_at": case((excluded.status == "banned", _N.banned_at), else_=literal(None))
             },
         )
+        self._bump_access_version()
 
     def set_node_certificate(self, name: str, serial: str, expires_at: float, now: float) -> None:
         """Record the node's new current certificate (the only one accepted from now on)."""
@@ -76,6 +77,7 @@ class NodeOps(TxBase):
         )
         if result.rowcount == 0:
             raise _unknown(name)
+        self._bump_access_version()
 
     def set_node_pending_certificate(self, name: str, serial: str, now: float) -> None:
         """Record a renewed certificate; it becomes current when the node first uses it."""
@@ -102,7 +104,10 @@ class NodeOps(TxBase):
                 last_seen_at=now,
             )
         )
-        return bool(result.rowcount)
+        if not result.rowcount:
+            return False
+        self._bump_access_version()
+        return True
 
     def touch_node(self, name: str, now: float) -> None:
         self._require_write("touch_node")
@@ -121,6 +126,7 @@ class NodeOps(TxBase):
         ).one_or_none()
         if row is None:
             raise _unknown(name)
+        self._bump_access_version()
         return _node(row)
 
     def banned_nodes(self, names: Iterable[str]) -> set[str]:

@@ -25,6 +25,14 @@ def opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
+_BUMP_ACCESS_VERSION = (  # built once: every ban, node certificate change and entry change
+    update(TRUST_STATE)
+    .where(TRUST_STATE.c.id == 1)
+    .values(access_version=TRUST_STATE.c.access_version + 1)
+    .returning(TRUST_STATE.c.access_version)
+)
+
+
 def missing_trust_state() -> FailedPrecondition:
     return FailedPrecondition(
         "the trust_state row is missing: this database was not set up by the meshtls "
@@ -103,6 +111,12 @@ class TxBase:
             .values(bundle_version=TRUST_STATE.c.bundle_version + 1)
             .returning(TRUST_STATE.c.bundle_version)
         ).one_or_none()
+        if row is None:
+            raise missing_trust_state()
+        return int(row[0])
+
+    def _bump_access_version(self) -> int:
+        row = self._exec(_BUMP_ACCESS_VERSION).one_or_none()
         if row is None:
             raise missing_trust_state()
         return int(row[0])

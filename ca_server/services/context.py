@@ -16,7 +16,7 @@ from ca_server.db.tx import Tx
 from ca_server.domain import AuditEvent, CertificateRecord
 from ca_server.metrics import CAMetrics
 from ca_server.services.audit import log_committed
-from ca_server.services.cache import TtlCache
+from ca_server.services.cache import AccessCache
 from ca_server.services.ratelimit import RateLimiter
 from ca_server.services.trust import TrustState
 from ca_server.services.writer import Writer
@@ -37,9 +37,9 @@ class CAContext:
     signing_limiter: RateLimiter
     metrics: CAMetrics
     # serial of a node certificate -> the node it authenticates (see services.nodes)
-    auth_cache: TtlCache[str, Any]
+    auth_cache: AccessCache[str, Any]
     # node name -> its registration entries
-    entries_cache: TtlCache[str, Any]
+    entries_cache: AccessCache[str, Any]
     crl: Any = None  # services.crl.CrlCache, set by the composition root
     # Names this process among the replicas (leases, logs).
     replica_id: str = field(

@@ -25,14 +25,17 @@ class SignedIdentity:
     issued: Issued
 
 
-def entries_loader(ctx: CAContext) -> Callable[[Tx, str], tuple[list[Entry], list[Entry]]]:
+def entries_loader(
+    ctx: CAContext,
+) -> Callable[[Tx, str, int], tuple[list[Entry], list[Entry]]]:
     """Reads a node's own entries and the shared ones into the cache `list_for_node` uses
-    (pass it to `nodes.authenticate(also=...)` to read them with the caller's node)."""
+    (pass it to `nodes.authenticate(also=...)` to read them with the caller's node), given
+    the access version the same transaction saw."""
 
-    def load(tx: Tx, node_name: str) -> tuple[list[Entry], list[Entry]]:
+    def load(tx: Tx, node_name: str, read_at: int) -> tuple[list[Entry], list[Entry]]:
         own, shared = tx.entries_for_node(node_name), tx.entries_for_node(ALL_NODES)
-        ctx.entries_cache.put(node_name, own)
-        ctx.entries_cache.put(ALL_NODES, shared)
+        ctx.entries_cache.put(node_name, own, read_at)
+        ctx.entries_cache.put(ALL_NODES, shared, read_at)
         return own, shared
 
     return load
@@ -45,7 +48,7 @@ async def list_for_node(ctx: CAContext, caller: AuthenticatedNode) -> list[Entry
     cached_shared: list[Entry] | None = ctx.entries_cache.get(ALL_NODES)
     if cached_own is None or cached_shared is None:
         load = entries_loader(ctx)
-        own, shared = await ctx.lookup(lambda tx: load(tx, caller.name))
+        own, shared = await ctx.lookup(lambda tx: load(tx, caller.name, tx.access_version()))
     else:
         own, shared = cached_own, cached_shared
     if not shared:

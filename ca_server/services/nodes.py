@@ -275,17 +275,18 @@ async def authenticate(
     ctx: CAContext,
     peer_pem: bytes | None,
     *,
-    also: Callable[[Tx, str], object] | None = None,
+    also: Callable[[Tx, str, int], object] | None = None,
 ) -> AuthenticatedNode:
     """The node behind a verified client certificate, if it may still act.
 
     TLS already checked the chain and validity; here the CA checks that it issued this very
     certificate as the node's current one (or the renewed one, which then becomes current),
-    that it is not revoked, and that the node is not banned. Answers are cached for a few
-    seconds; local bans and revocations clear them at once.
+    that it is not revoked, and that the node is not banned. Answers are cached until the
+    access version moves (`services.cache`); local bans and revocations clear them at once.
 
-    `also(tx, node name)` runs in the same read when the database is asked: a call that
-    needs more of the node's rows next (its entries) reads them in one transaction.
+    `also(tx, node name, access version)` runs in the same read when the database is
+    asked: a call that needs more of the node's rows next (its entries) reads them in one
+    transaction.
     """
     name, spiffe_id, serial = parse_peer_certificate(peer_pem, ctx.config.trust_domain)
     ctx.limiter.check(f"node:{name}")
@@ -293,13 +294,14 @@ async def authenticate(
     if cached is not None:
         return cached
 
-    def load(tx: Tx) -> tuple[Node | None, CertificateRecord | None]:
+    def load(tx: Tx) -> tuple[Node | None, CertificateRecord | None, int]:
+        version = tx.access_version()
         node, record = tx.get_node(name), tx.get_certificate(serial)
         if also is not None and node is not None:
-            also(tx, name)
-        return node, record
+            also(tx, name, version)
+        return node, record, version
 
-    node, record = await ctx.lookup(load)
+    node, record, read_at = await ctx.lookup(load)
     if node is None or record is None or record.kind != "node" or record.node_name != name:
         raise Unauthenticated(f"the client certificate (serial {serial}) was not issued to {name}")
     if node.status == "banned":
@@ -314,7 +316,7 @@ async def authenticate(
             f"node {name}; use the current node certificate"
         )
     caller = AuthenticatedNode(name, spiffe_id, serial, node)
-    ctx.auth_cache.put(serial, caller)
+    ctx.auth_cache.put(serial, caller, read_at)
     return caller
 
 

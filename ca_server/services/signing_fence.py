@@ -120,7 +120,9 @@ class FenceHeartbeat:
     """A thread that reads the database every `period` and confirms the fence while the
     signer in use (`held()` -> (bundle version, signer authority id)) is still the active
     intermediate; it calls `on_change` (from its thread) when the database holds a newer
-    version or another signer, so the event loop reloads."""
+    version or another signer, so the event loop reloads. It also hands every access
+    version it reads to `on_access_version` (from its thread), which drops cached node and
+    entry answers when the version is news."""
 
     def __init__(
         self,
@@ -129,11 +131,14 @@ class FenceHeartbeat:
         held: Callable[[], tuple[int, str]],
         on_change: Callable[[], object],
         period: float,
+        on_access_version: Callable[[int], object] = lambda version: None,
     ) -> None:
         self._fence = fence
         self._store = store
         self._held = held
         self._on_change = on_change
+        self._on_access_version = on_access_version
+        self._access_version: int | None = None
         self._period = period
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="signing-fence", daemon=True)
@@ -159,6 +164,7 @@ class FenceHeartbeat:
             with self._store.read() as tx:
                 version = tx.bundle_version()
                 states = tx.intermediate_states()
+                access_version = tx.access_version()
             active = {authority_id for authority_id, state in states.items() if state == "active"}
         except CAError as exc:
             if not self._failing:
@@ -175,8 +181,11 @@ class FenceHeartbeat:
         held_version, signer_id = self._held()
         if signer_id in active:
             self._fence.confirm(started)
-        if version != held_version or signer_id not in active:
-            try:
+        try:
+            if access_version != self._access_version:
+                self._on_access_version(access_version)
+                self._access_version = access_version
+            if version != held_version or signer_id not in active:
                 self._on_change()
-            except RuntimeError:  # the event loop has closed: the CA is stopping
-                self._stop.set()
+        except RuntimeError:  # the event loop has closed: the CA is stopping
+            self._stop.set()

@@ -10,7 +10,8 @@ LISTEN connection, `services.cluster_events`) makes `follow_forever` reload at o
 fallback is the signing fence's heartbeat thread (`services.signing_fence`), which reads
 the database every `trust_poll_interval / 4`, nudges on any change, and keeps the signer
 usable only while it is confirmed the active authority within `trust_poll_interval`
-(at least 1 s)."""
+(at least 1 s). The same read hands the access version to `access_version_read`, which
+drops the node and entry answers cached before another replica's ban or entry change."""
 
 from __future__ import annotations
 
@@ -122,6 +123,12 @@ class TrustFollower:
             if self._on_roots_changed is not None:
                 self._on_roots_changed(ctx.trust.snapshot.roots_pem)
 
+    def access_version_read(self, version: int) -> None:
+        """The database holds access version `version`: drop cached node and entry answers
+        if another replica (or this one) changed a node or an entry since they were read."""
+        self._ctx.auth_cache.advance(version)
+        self._ctx.entries_cache.advance(version)
+
     def nudge(self, version: int | None = None) -> None:
         """Another replica announced trust-state `version` (None: unknown, check): reload
         at once unless this replica already holds it."""
@@ -143,6 +150,7 @@ class TrustFollower:
             self._held,
             lambda: loop.call_soon_threadsafe(self._nudged.set),
             interval / CONFIRMS_PER_INTERVAL,
+            lambda version: loop.call_soon_threadsafe(self.access_version_read, version),
         )
         heartbeat.start()
         try:

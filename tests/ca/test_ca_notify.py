@@ -25,7 +25,8 @@ from ca_server.db.notify import TRUST_CHANNEL, listen_connect_kwargs, notify_tru
 from ca_server.errors import Unavailable
 from ca_server.services.context import CAContext
 from ca_server.services.signing_fence import SigningFence
-from tests.ca.helpers import enroll_node, wait_for
+from meshtls.v1 import agent_pb2_grpc
+from tests.ca.helpers import enroll_node, key_and_csr, node_channel, sign_one, wait_for
 from tests.support.ca import RunningCA, running_ca
 
 PUSH_WITHIN = 1.0  # seconds; the poll alone would take up to 30 s here
@@ -196,21 +197,26 @@ async def test_a_replica_that_cannot_confirm_its_view_stops_signing(
 ) -> None:
     url = postgres_server.create_database()  # type: ignore[attr-defined]
     async with replicas(tmp_path, url, count=1, poll=1.0) as (ca,):
-        await enroll_node(ca, "web-0")
-        with psycopg.connect(**_test_connection(url)) as blocker:
-            # Reads of the trust state wait behind this lock; issuance does not touch it.
-            blocker.execute("LOCK TABLE trust_state IN ACCESS EXCLUSIVE MODE")
-            locked_at = time.monotonic()
-            refusal: grpc.aio.AioRpcError | None = None
-            for attempt in range(100):
-                try:
-                    await enroll_node(ca, f"web-{attempt + 1}")
-                except grpc.aio.AioRpcError as exc:
-                    refusal = exc
-                    break
-                await asyncio.sleep(0.05)
-            refused_after = time.monotonic() - locked_at
-            blocker.rollback()
+        node = await enroll_node(ca, "web-0")
+        entry_id = await ca.create_entry("spiffe://example.org/svc/web", "web-0")
+        async with node_channel(ca, node) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+            await sign_one(stub, entry_id, key_and_csr()[1])  # the node's answers are cached
+            with psycopg.connect(**_test_connection(url)) as blocker:
+                # Reads of the trust state wait behind this lock; issuing to a node the CA
+                # has cached does not touch it.
+                blocker.execute("LOCK TABLE trust_state IN ACCESS EXCLUSIVE MODE")
+                locked_at = time.monotonic()
+                refusal: grpc.aio.AioRpcError | None = None
+                for _ in range(100):
+                    try:
+                        await sign_one(stub, entry_id, key_and_csr()[1])
+                    except grpc.aio.AioRpcError as exc:
+                        refusal = exc
+                        break
+                    await asyncio.sleep(0.05)
+                refused_after = time.monotonic() - locked_at
+                blocker.rollback()
         assert refusal is not None
         assert refusal.code() == grpc.StatusCode.UNAVAILABLE
         assert "could not confirm" in (refusal.details() or "")

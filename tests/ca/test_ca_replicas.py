@@ -1,6 +1,7 @@
 """Two CA replicas on one real PostgreSQL: both issue; a rotation requested on both at once
 happens once; a forced rotation on one makes the other sign with the new authority, and a
-revocation on one reaches the other's trust state, within seconds; pruning runs on one
+revocation on one reaches the other's trust state, within seconds; a ban or an entry change
+on one reaches what the other cached about the node, however young; pruning runs on one
 replica at a time."""
 
 from __future__ import annotations
@@ -10,12 +11,15 @@ from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from pathlib import Path
 
+import grpc
 import pytest
 
 from ca_server.authority.kek import generate_kek_file
 from ca_server.errors import FailedPrecondition
 from ca_server.services.pruning import prune
-from tests.ca.helpers import enroll_node, wait_for
+from meshtls.clock import Clock, ManualClock
+from meshtls.v1 import admin_pb2, agent_pb2, agent_pb2_grpc
+from tests.ca.helpers import RPC_TIMEOUT, enroll_node, node_channel, wait_for
 from tests.support.ca import RunningCA, running_ca
 
 pytestmark = pytest.mark.postgres
@@ -23,17 +27,18 @@ pytestmark = pytest.mark.postgres
 
 @asynccontextmanager
 async def two_replicas(
-    tmp_path: Path, database_url: str
+    tmp_path: Path, database_url: str, *, clock_b: Clock | None = None
 ) -> AsyncIterator[tuple[RunningCA, RunningCA]]:
     kek = tmp_path / "kek"
     generate_kek_file(kek)
     async with AsyncExitStack() as stack:
         replicas = []
-        for name in ("a", "b"):
+        for name, clock in (("a", None), ("b", clock_b)):
             replicas.append(
                 await stack.enter_async_context(
                     running_ca(
                         tmp_path / name,
+                        clock=clock,
                         database_url=database_url,
                         kek_file=kek,
                         dev=False,
@@ -101,6 +106,47 @@ async def test_replicas_share_issuance_rotation_and_revocation(
             return serial in {r.serial for r in _ctx(a).trust.snapshot.revoked}
 
         await wait_for(a_knows_the_revocation, within=5, what="revocation on the other replica")
+
+
+async def test_a_ban_or_entry_change_on_one_replica_reaches_the_other_s_cache(
+    tmp_path: Path, postgres_server: object
+) -> None:
+    """Replica b caches who a node is and which entries it has; its clock is frozen, so
+    nothing there expires by age. An entry deleted and a ban made through replica a still
+    reach b's answers within its trust poll (0.2 s here), through the access version."""
+    url = postgres_server.create_database()  # type: ignore[attr-defined]
+    async with two_replicas(tmp_path, url, clock_b=ManualClock()) as (a, b):
+        node = await enroll_node(a, "web-1")
+        kept = await a.create_entry("spiffe://example.org/svc/web", "web-1")
+        dropped = await a.create_entry("spiffe://example.org/svc/old", "web-1")
+        async with node_channel(b, node) as channel:
+            stub = agent_pb2_grpc.AgentServiceStub(channel)
+
+            async def listed() -> set[str]:
+                answer = await stub.ListIdentities(
+                    agent_pb2.ListIdentitiesRequest(), timeout=RPC_TIMEOUT
+                )
+                return {entry.id for entry in answer.entries}
+
+            assert await listed() == {kept, dropped}  # now cached on b
+            async with a.admin() as admin:
+                await admin.DeleteEntry(admin_pb2.DeleteEntryRequest(id=dropped))
+
+            async def b_forgot_the_entry() -> bool:
+                return await listed() == {kept}
+
+            await wait_for(b_forgot_the_entry, within=5, what="entry deletion on the other replica")
+
+            await a.ban("web-1")
+
+            async def b_refuses_the_node() -> bool:
+                try:
+                    await listed()
+                except grpc.aio.AioRpcError as exc:
+                    return exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                return False
+
+            await wait_for(b_refuses_the_node, within=5, what="ban on the other replica")
 
 
 async def test_pruning_runs_on_one_replica_at_a_time(

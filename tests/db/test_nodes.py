@@ -1,12 +1,16 @@
-"""Nodes: upsert, current certificate, last seen, ban, paging."""
+"""Nodes: upsert, current certificate, last seen, ban, paging, and the access version their
+changes (and entry changes) bump."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import pytest
 
 from ca_server.db import Store
+from ca_server.db.tx import Tx
 from ca_server.errors import InvalidRequest, NotFound
-from tests.db.builders import T0, node
+from tests.db.builders import T0, entry, node
 
 
 def test_upsert_inserts_then_replaces_every_field(store: Store) -> None:
@@ -93,3 +97,34 @@ def test_list_nodes_pages_by_name(store: Store) -> None:
         with pytest.raises(InvalidRequest):
             tx.list_nodes(limit=0)
     assert seen == names
+
+
+def test_every_change_to_who_may_do_what_bumps_the_access_version(store: Store) -> None:
+    """Replicas drop their cached node and entry answers when the access version moves:
+    every write that changes a ban, a current node certificate or an entry bumps it, in
+    its own transaction; the rest (last seen, a pending renewal, reads) does not."""
+
+    def version() -> int:
+        with store.read() as tx:
+            return tx.access_version()
+
+    start = version()
+    steps: list[tuple[str, Callable[[Tx], object], int]] = [
+        ("enroll", lambda tx: tx.upsert_node(node("web-1")), 1),
+        ("re-enroll", lambda tx: tx.set_node_certificate("web-1", "c0", T0 + 9, now=T0), 1),
+        ("touch", lambda tx: tx.touch_node("web-1", now=T0 + 1), 0),
+        ("renew", lambda tx: tx.set_node_pending_certificate("web-1", "c1", now=T0), 0),
+        ("stale promote", lambda tx: tx.promote_node_certificate("web-1", "c9", T0, T0), 0),
+        ("promote", lambda tx: tx.promote_node_certificate("web-1", "c1", T0 + 9, T0), 1),
+        ("add entry", lambda tx: tx.add_entry(entry(id="e1", node_name="web-1")), 1),
+        ("delete entry", lambda tx: tx.delete_entry("e1"), 1),
+        ("ban", lambda tx: tx.ban_node("web-1", now=T0 + 2), 1),
+    ]
+    for what, change, bumps in steps:
+        with store.transaction() as tx:
+            change(tx)
+        assert version() == start + bumps, what
+        start = version()
+    with store.transaction() as tx, pytest.raises(NotFound):
+        tx.ban_node("nobody", now=T0)
+    assert version() == start
