@@ -143,7 +143,7 @@ async def test_a_ban_or_entry_change_on_one_replica_reaches_the_other_s_cache(
                 try:
                     await listed()
                 except grpc.aio.AioRpcError as exc:
-                    return exc.code() == grpc.StatusCode.PERMISSION_DENIED
+                    return bool(exc.code() == grpc.StatusCode.PERMISSION_DENIED)
                 return False
 
             await wait_for(b_refuses_the_node, within=5, what="ban on the other replica")
