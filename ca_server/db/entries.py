@@ -62,7 +62,7 @@ class EntryOps(TxBase):
                 f"a registration entry for {entry.spiffe_id} on node {entry.node_name!r} "
                 "already exists"
             ) from None
-        self._bump_access_version()
+        self._access_change()
 
     def get_entry(self, entry_id: str) -> Entry | None:
         row = self._exec(select(ENTRIES).where(_E.id == entry_id)).one_or_none()
@@ -76,7 +76,7 @@ class EntryOps(TxBase):
         ).one_or_none()
         if row is None:
             raise NotFound(f"registration entry {entry_id} is not known")
-        self._bump_access_version()
+        self._access_change()
         return _entry(row)
 
     def list_entries(

@@ -65,7 +65,7 @@ class NodeOps(TxBase):
                 "banned_at": case((excluded.status == "banned", _N.banned_at), else_=literal(None))
             },
         )
-        self._bump_access_version()
+        self._access_change()
 
     def set_node_certificate(self, name: str, serial: str, expires_at: float, now: float) -> None:
         """Record the node's new current certificate (the only one accepted from now on)."""
@@ -77,7 +77,7 @@ class NodeOps(TxBase):
         )
         if result.rowcount == 0:
             raise _unknown(name)
-        self._bump_access_version()
+        self._access_change()
 
     def set_node_pending_certificate(self, name: str, serial: str, now: float) -> None:
         """Record a renewed certificate; it becomes current when the node first uses it."""
@@ -106,7 +106,7 @@ class NodeOps(TxBase):
         )
         if not result.rowcount:
             return False
-        self._bump_access_version()
+        self._access_change()
         return True
 
     def touch_node(self, name: str, now: float) -> None:
@@ -126,7 +126,7 @@ class NodeOps(TxBase):
         ).one_or_none()
         if row is None:
             raise _unknown(name)
-        self._bump_access_version()
+        self._access_change()
         return _node(row)
 
     def banned_nodes(self, names: Iterable[str]) -> set[str]:

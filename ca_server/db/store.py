@@ -98,8 +98,10 @@ class Store:
         try:
             with translate_errors():
                 transaction = connection.begin()
+            tx = Tx(connection, writable=True)
             try:
-                yield Tx(connection, writable=True)
+                yield tx
+                tx.before_commit()
             except BaseException:
                 _rollback_quietly(connection)
                 raise
@@ -154,7 +156,9 @@ async def _run_in_transaction(
 ) -> T:
     transaction = await connection.begin()
     try:
-        result = await connection.run_sync(lambda sync: fn(Tx(sync, writable=write)))
+        result = await connection.run_sync(
+            lambda sync: _run_then_finish(fn, Tx(sync, writable=write))
+        )
     except BaseException:
         try:
             await transaction.rollback()
@@ -165,6 +169,13 @@ async def _run_in_transaction(
         await transaction.commit()
     else:
         await transaction.rollback()
+    return result
+
+
+def _run_then_finish(fn: Callable[[Tx], T], tx: Tx) -> T:
+    result = fn(tx)
+    if tx.writable:
+        tx.before_commit()
     return result
 
 

@@ -52,6 +52,7 @@ class TxBase:
     def __init__(self, connection: Connection, *, writable: bool) -> None:
         self._conn = connection
         self._writable = writable
+        self._access_changed = False
 
     @property
     def writable(self) -> bool:
@@ -115,8 +116,17 @@ class TxBase:
             raise missing_trust_state()
         return int(row[0])
 
-    def _bump_access_version(self) -> int:
-        row = self._exec(_BUMP_ACCESS_VERSION).one_or_none()
-        if row is None:
-            raise missing_trust_state()
-        return int(row[0])
+    def _access_change(self) -> None:
+        """Note that this transaction changes who may do what (a ban, a node's current
+        certificate, an entry): `before_commit` bumps the access version once."""
+        self._access_changed = True
+
+    def before_commit(self) -> None:
+        """The store calls this last in a write transaction, just before committing. The
+        access version is bumped here, once, so the trust_state row is the last row a
+        transaction locks (PostgreSQL): two transactions cannot each hold a row the other
+        waits for and wait for it."""
+        if self._access_changed:
+            if self._exec(_BUMP_ACCESS_VERSION).one_or_none() is None:
+                raise missing_trust_state()
+            self._access_changed = False

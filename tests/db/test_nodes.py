@@ -128,3 +128,11 @@ def test_every_change_to_who_may_do_what_bumps_the_access_version(store: Store) 
     with store.transaction() as tx, pytest.raises(NotFound):
         tx.ban_node("nobody", now=T0)
     assert version() == start
+    # Several changes in one transaction (the group commit's batches) bump it once, at the
+    # end, so trust_state is the last row such a transaction locks.
+    with store.transaction() as tx:
+        tx.upsert_node(node("web-2"))
+        tx.add_entry(entry(id="e2", node_name="web-2"))
+        tx.ban_node("web-2", now=T0 + 3)
+        assert tx.access_version() == start  # not yet
+    assert version() == start + 1
