@@ -131,7 +131,7 @@ class FenceHeartbeat:
         held: Callable[[], tuple[int, str]],
         on_change: Callable[[], object],
         period: float,
-        on_access_version: Callable[[int], object] = lambda version: None,
+        on_access_version: Callable[[int], object],
     ) -> None:
         self._fence = fence
         self._store = store
