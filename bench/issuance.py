@@ -11,10 +11,12 @@ as soon as it has its answer: the most the CA answers, and a latency that is sim
 clients x B / rate), `B@R` an open loop offering R issuances/s in total in calls of B
 (the latency a client sees at that rate, queueing included).
 
-The CA runs as a real `meshtls-ca serve` subprocess; the load generator is this process
-(grpc.aio), on the same 2 cores. A reply counts only after the CA committed its rows (group
-commit: one transaction for every request waiting at that moment). The per-node rate limit
-is raised for the run (one client per node sends far above the production default).
+The CA runs as a real `meshtls-ca serve` subprocess at its default log level (an audit
+line per certificate, written to ca.log in the run's directory); the load generator is
+this process (grpc.aio), on the same 2 cores. A reply counts only after the CA committed
+its rows (group commit: one transaction for every request waiting at that moment). The
+per-node rate limit is raised for the run (one client per node sends far above the
+production default).
 """
 
 from __future__ import annotations
@@ -180,24 +182,28 @@ class CAProcess:
             self.enroll,
             "--http-listen",
             "off",
-            "--log-level",
-            "warning",
         ]
         if database_url:
             args += ["--database-url", database_url]
         if workers > 1:
             args += ["--workers", str(workers)]
-        self.proc = subprocess.Popen(args, env=env)
+        # The CA's own log level (info): an audit line per certificate, as in production,
+        # written to a file as a log collector would take it.
+        self.log = (workdir / "ca.log").open("wb")
+        self.proc = subprocess.Popen(args, env=env, stderr=self.log)
         sock = self.data_dir / "admin.sock"
         deadline = time.monotonic() + 60
         while not sock.exists():
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit("the CA did not start")
+                self.log.flush()
+                tail = (workdir / "ca.log").read_text(errors="replace")[-4000:]
+                raise SystemExit(f"the CA did not start; the end of its log:\n{tail}")
             time.sleep(0.05)
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=30)
+        self.log.close()
 
 
 async def enroll_clients(
