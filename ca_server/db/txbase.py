@@ -25,12 +25,19 @@ def opt_float(value: Any) -> float | None:
     return None if value is None else float(value)
 
 
-_BUMP_ACCESS_VERSION = (  # built once: every ban, node certificate change and entry change
-    update(TRUST_STATE)
-    .where(TRUST_STATE.c.id == 1)
-    .values(access_version=TRUST_STATE.c.access_version + 1)
-    .returning(TRUST_STATE.c.access_version)
-)
+def _increment(counter: str) -> Executable:
+    """UPDATE the trust_state row's `counter` by one, RETURNING the new value."""
+    column = TRUST_STATE.c[counter]
+    return (
+        update(TRUST_STATE)
+        .where(TRUST_STATE.c.id == 1)
+        .values({column: column + 1})
+        .returning(column)
+    )
+
+
+_BUMP_BUNDLE_VERSION = _increment("bundle_version")
+_BUMP_ACCESS_VERSION = _increment("access_version")
 
 
 def missing_trust_state() -> FailedPrecondition:
@@ -106,12 +113,10 @@ class TxBase:
         self._exec(statement.on_conflict_do_update(index_elements=keys, set_=update_set))
 
     def _bump_bundle_version(self) -> int:
-        row = self._exec(
-            update(TRUST_STATE)
-            .where(TRUST_STATE.c.id == 1)
-            .values(bundle_version=TRUST_STATE.c.bundle_version + 1)
-            .returning(TRUST_STATE.c.bundle_version)
-        ).one_or_none()
+        return self._bump(_BUMP_BUNDLE_VERSION)
+
+    def _bump(self, increment: Executable) -> int:
+        row = self._exec(increment).one_or_none()
         if row is None:
             raise missing_trust_state()
         return int(row[0])
@@ -127,6 +132,5 @@ class TxBase:
         transaction locks (PostgreSQL): two transactions cannot each hold a row the other
         waits for and wait for it."""
         if self._access_changed:
-            if self._exec(_BUMP_ACCESS_VERSION).one_or_none() is None:
-                raise missing_trust_state()
+            self._bump(_BUMP_ACCESS_VERSION)
             self._access_changed = False
