@@ -19,7 +19,6 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -79,7 +78,9 @@ class PostgresServer:
     base_dir: Path
     port: int
     run_as: str | None
-    durable: bool = False  # False: fsync and synchronous commit off (fast tests)
+    # False: fsync, synchronous commit and full-page writes off, small shared buffers (fast
+    # tests); True: PostgreSQL's own defaults (benchmarks).
+    durable: bool = False
     process: subprocess.Popen[bytes] | None = None
     databases: list[str] = field(default_factory=list)
 
@@ -158,18 +159,20 @@ class PostgresServer:
         )
 
     def start(self) -> None:
-        durability = "on" if self.durable else "off"
-        settings: Sequence[tuple[str, str]] = (
+        settings: list[tuple[str, str]] = [
             ("listen_addresses", "127.0.0.1"),
             ("port", str(self.port)),
             ("unix_socket_directories", str(self.socket_dir)),
-            ("fsync", durability),
-            ("synchronous_commit", durability),
-            ("full_page_writes", durability),
             ("max_connections", "200"),
-            ("shared_buffers", "32MB"),
             ("log_min_messages", "warning"),
-        )
+        ]
+        if not self.durable:
+            settings += [
+                ("fsync", "off"),
+                ("synchronous_commit", "off"),
+                ("full_page_writes", "off"),
+                ("shared_buffers", "32MB"),  # many test databases, little data each
+            ]
         args = ["-D", str(self.data_dir)]
         for name, value in settings:
             args += ["-c", f"{name}={value}"]
@@ -205,6 +208,21 @@ class PostgresServer:
             f"postgres did not accept connections within {STARTUP_TIMEOUT:.0f} s "
             f"({last_error}):\n" + self.log_text()
         )
+
+    def recycle_wal(self, segments: int = 64) -> None:
+        """Bring the write-ahead log to the state of a server that has been running: switch
+        through `segments` WAL segments, then checkpoint, which keeps them (up to
+        max_wal_size, 1 GB by default) to be recycled. A fresh initdb has none, so under
+        load it creates and zero-fills a new 16 MB segment every few seconds, and every
+        commit waits behind that (tens of ms): a one-time cost of a new cluster that a
+        benchmark would otherwise report as the CA's latency."""
+        with self._admin_connect() as conn:
+            conn.execute(b"CREATE TABLE meshtls_wal_filler (x int)")  # logged, unlike TEMP
+            for _ in range(segments):
+                conn.execute(b"INSERT INTO meshtls_wal_filler VALUES (1)")  # a switch needs WAL
+                conn.execute(b"SELECT pg_switch_wal()")
+            conn.execute(b"DROP TABLE meshtls_wal_filler")
+            conn.execute(b"CHECKPOINT")
 
     def log_text(self) -> str:
         try:
@@ -247,7 +265,8 @@ def _run_as_user() -> str | None:
 
 def start_postgres(attempts: int = 3, *, durable: bool = False) -> PostgresServer:
     """initdb + start a server; retries on a fresh port if the chosen one was taken.
-    Tests run without fsync; `durable` keeps PostgreSQL's defaults (benchmarks)."""
+    Tests run without fsync; `durable` keeps PostgreSQL's defaults (benchmarks, which
+    also call `recycle_wal`)."""
     bin_dir = find_bin_dir()
     if bin_dir is None:
         raise PostgresUnavailable(INSTALL_HINT)
