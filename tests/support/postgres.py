@@ -217,7 +217,9 @@ class PostgresServer:
         commit waits behind that (tens of ms): a one-time cost of a new cluster that a
         benchmark would otherwise report as the CA's latency."""
         with self._admin_connect() as conn:
-            conn.execute(b"CREATE TABLE meshtls_wal_filler (x int)")  # logged, unlike TEMP
+            # A logged table (a TEMP one writes no WAL), left by no failed run before.
+            conn.execute(b"DROP TABLE IF EXISTS meshtls_wal_filler")
+            conn.execute(b"CREATE TABLE meshtls_wal_filler (x int)")
             for _ in range(segments):
                 conn.execute(b"INSERT INTO meshtls_wal_filler VALUES (1)")  # a switch needs WAL
                 conn.execute(b"SELECT pg_switch_wal()")
