@@ -10,13 +10,14 @@ Blocking: `transaction()` and `read()` do synchronous I/O. From asyncio, run the
 thread (``await asyncio.to_thread(...)``), or inline where that is cheaper than the hand-off
 (short SQLite work: a WAL read takes no lock, and `transaction(wait=False)` never waits for
 the write lock). On PostgreSQL, `await run(fn, write=...)` runs a transaction on the event
-loop through the asyncio driver. A `Store` is thread-safe; a `Tx` is not.
+loop through the asyncio driver, and `await record_issuances(...)` records a batch of
+issuances in one statement. A `Store` is thread-safe; a `Tx` is not.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any, TypeVar
 
@@ -24,6 +25,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ca_server.db.failures import translate_errors
+from ca_server.db.issuance import RECORD_ISSUANCES, Issuance, record_issuances_params
 from ca_server.db.session import (
     TX_KIND_OPTION,
     TX_READ,
@@ -129,14 +131,31 @@ class Store:
         read-only and rolled back, as `transaction()` and `read()`), awaited on the event
         loop through psycopg's asyncio connections rather than run in a thread. `fn`'s
         statements suspend the calling task while the database answers."""
-        if self._async_engine is None:
-            self._async_engine = make_async_engine(self._engine.url)
         with translate_errors():
-            async with self._async_engine.connect() as connection:
+            async with self._async().connect() as connection:
                 connection = await connection.execution_options(
                     **self._options(TX_WRITE if write else TX_READ)
                 )
                 return await _run_in_transaction(connection, fn, write=write)
+
+    async def record_issuances(self, issuances: Sequence[Issuance]) -> set[str]:
+        """PostgreSQL: record issuing requests (their certificates and audit events) in one
+        atomic statement on the event loop, except those of banned nodes, whose names are
+        returned (`ca_server.db.issuance`). AlreadyExists (nothing written) if a serial is
+        already recorded."""
+        if self.dialect != "postgresql":
+            raise RuntimeError("record_issuances is PostgreSQL's; SQLite uses a transaction")
+        params = record_issuances_params(issuances)
+        with translate_errors("certificate"):
+            async with self._async().connect() as connection:
+                connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                result = await connection.execute(RECORD_ISSUANCES, params)
+                return {row[0] for row in result}
+
+    def _async(self) -> AsyncEngine:
+        if self._async_engine is None:
+            self._async_engine = make_async_engine(self._engine.url)
+        return self._async_engine
 
     async def aclose(self) -> None:
         """Close every pooled connection, the asyncio ones too (call from the loop that

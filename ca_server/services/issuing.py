@@ -10,6 +10,7 @@ from functools import cached_property
 from cryptography import x509
 
 from ca_server.authority.signer import Signer
+from ca_server.db.store import Store
 from ca_server.db.tx import Tx
 from ca_server.domain import AuditEvent, CertificateKind, CertificateRecord
 from ca_server.errors import InvalidRequest, PermissionDenied
@@ -57,12 +58,22 @@ class RecordIssuance:
         kept = [i for i in items if i.node_name not in banned]
         tx.add_certificates([r for i in kept for r in i.records])
         tx.add_audit_events([e for i in kept for e in i.events])
-        return [
-            Refused(PermissionDenied(f"node {i.node_name} is banned"))
-            if i.node_name in banned
-            else None
-            for i in items
-        ]
+        return _answers(items, banned)
+
+    @classmethod
+    async def commit_batch(cls, store: Store, items: list[RecordIssuance]) -> list[Refused | None]:
+        """`run_batch` as one atomic statement of its own (PostgreSQL): one round trip."""
+        banned = await store.record_issuances([(i.node_name, i.records, i.events) for i in items])
+        return _answers(items, banned)
+
+
+def _answers(items: list[RecordIssuance], banned: set[str]) -> list[Refused | None]:
+    return [
+        Refused(PermissionDenied(f"node {i.node_name} is banned"))
+        if i.node_name in banned
+        else None
+        for i in items
+    ]
 
 
 def csr_public_key(csr: bytes) -> SubjectPublicKey:

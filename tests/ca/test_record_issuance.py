@@ -1,0 +1,129 @@
+"""Recording issuances through the group-commit writer, on both databases: SQLite runs the
+ban check and both inserts in a transaction, PostgreSQL as one atomic statement
+(`Store.record_issuances`). Either way a banned node's request is refused and writes
+nothing, a duplicate serial takes only its own request down, and every row that is
+written reads back as it went in."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from ca_server.db.store import Store
+from ca_server.domain import AuditEvent, CertificateRecord
+from ca_server.errors import AlreadyExists, PermissionDenied
+from ca_server.services.issuing import RecordIssuance
+from ca_server.services.writer import Writer, open_writer
+from tests.db.builders import T0, audit_event, certificate, node
+
+
+@pytest.fixture
+async def writer(store: Store) -> AsyncIterator[Writer]:
+    with store.transaction() as tx:
+        tx.upsert_node(node("web-1"))
+        tx.upsert_node(node("web-2"))
+        tx.ban_node("web-2", T0)
+    writer = open_writer(store)
+    writer.start()
+    yield writer
+    await writer.stop()
+    await store.aclose()
+
+
+def _issuance(node_name: str, count: int) -> RecordIssuance:
+    records = tuple(certificate(node_name=node_name) for _ in range(count))
+    events = tuple(
+        audit_event(
+            actor=f"spiffe://example.org/meshtls/node/{node_name}",
+            action="certificate.issue",
+            subject=r.serial,
+            details={"node": node_name, "entry": None, "kind": "workload"},
+        )
+        for r in records
+    )
+    return RecordIssuance(node_name, records, events)
+
+
+def _stored(store: Store, records: tuple[CertificateRecord, ...]) -> list[CertificateRecord]:
+    with store.read() as tx:
+        return [c for r in records if (c := tx.get_certificate(r.serial)) is not None]
+
+
+def _events(store: Store, serial: str) -> list[AuditEvent]:
+    with store.read() as tx:
+        return tx.list_audit_events(limit=10, subject=serial)
+
+
+async def test_a_banned_nodes_request_is_refused_and_the_rest_recorded(
+    store: Store, writer: Writer
+) -> None:
+    first, banned, second = _issuance("web-1", 3), _issuance("web-2", 2), _issuance("web-1", 1)
+    outcomes = await asyncio.gather(
+        writer.submit(first), writer.submit(banned), writer.submit(second), return_exceptions=True
+    )
+
+    assert outcomes[0] is None
+    assert isinstance(outcomes[1], PermissionDenied)
+    assert "node web-2 is banned" in outcomes[1].message
+    assert outcomes[2] is None
+    for request in (first, second):
+        assert _stored(store, request.records) == list(request.records)
+        for record, sent in zip(request.records, request.events, strict=True):
+            (event,) = _events(store, record.serial)
+            assert (event.at, event.actor, event.action, event.details) == (
+                sent.at,
+                sent.actor,
+                sent.action,
+                sent.details,
+            )
+    assert _stored(store, banned.records) == []
+    assert [_events(store, r.serial) for r in banned.records] == [[], []]
+
+
+async def test_a_duplicate_serial_writes_nothing_of_its_request(
+    store: Store, writer: Writer
+) -> None:
+    taken = _issuance("web-1", 1)
+    await writer.submit(taken)
+    clashing = _issuance("web-1", 2)
+    clashing = RecordIssuance(
+        "web-1",
+        (clashing.records[0], taken.records[0]),
+        (clashing.events[0], taken.events[0]),
+    )
+    neighbour = _issuance("web-1", 2)
+
+    outcomes = await asyncio.gather(
+        writer.submit(clashing), writer.submit(neighbour), return_exceptions=True
+    )
+
+    assert isinstance(outcomes[0], AlreadyExists)
+    assert outcomes[1] is None
+    assert _stored(store, clashing.records[:1]) == []
+    assert _events(store, clashing.records[0].serial) == []
+    assert len(_events(store, taken.records[0].serial)) == 1
+    assert _stored(store, neighbour.records) == list(neighbour.records)
+
+
+async def test_postgres_records_a_batch_of_issuances_in_one_statement(
+    store: Store, writer: Writer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite records issuances in its write transaction")
+    statements: list[int] = []
+    record = store.record_issuances
+
+    async def counted(
+        issuances: list[tuple[str, tuple[CertificateRecord, ...], tuple[AuditEvent, ...]]],
+    ) -> set[str]:
+        statements.append(len(issuances))
+        return await record(issuances)
+
+    monkeypatch.setattr(store, "record_issuances", counted)
+    requests = [_issuance("web-1", 2) for _ in range(5)]
+    await asyncio.gather(*(writer.submit(r) for r in requests))
+
+    assert sum(statements) == 5  # every request went through the one-statement path
+    assert all(_stored(store, r.records) == list(r.records) for r in requests)
