@@ -4,11 +4,12 @@ The group commit's everyday transaction is a batch of issuances: check that none
 calling nodes is banned, insert their certificates, insert the certificates' audit
 events. As a transaction that is six round trips on PostgreSQL (the pool's pre-ping,
 BEGIN, the check, the two inserts, COMMIT), and under load each reply also waits for the
-event loop to finish the call it is signing. `record_issuances_statement` does all three
-in one statement (a CTE over `unnest` arrays), which PostgreSQL runs atomically in its own
-implicit transaction when the connection is in autocommit mode: one round trip after the
-pre-ping, and nothing of it is written if any part fails. Rows of a banned node are left
-out, and the statement returns the banned nodes' names.
+event loop to finish the call it is signing. `RECORD_ISSUANCES` does all three in one
+statement (a CTE over `unnest` arrays, one array per column, from
+`record_issuances_params`), which PostgreSQL runs atomically in its own implicit
+transaction when the connection is in autocommit mode (`Store.record_issuances`): one
+round trip after the pre-ping, and nothing of it is written if any part fails. Rows of a
+banned node are left out, and the statement returns the banned nodes' names.
 
 SQLite keeps the three statements in its write transaction (`Tx.banned_nodes`,
 `add_certificates`, `add_audit_events`): in-process, no round trips to save.
