@@ -33,9 +33,14 @@ async def writer(store: Store) -> AsyncIterator[Writer]:
 
 
 def _issuance(node_name: str, count: int) -> RecordIssuance:
-    records = tuple(certificate(node_name=node_name) for _ in range(count))
+    # Times with many digits: they must come back exactly as sent.
+    records = tuple(
+        certificate(node_name=node_name, not_before=T0 + 1 / 3, issued_at=T0 + 0.1 + i)
+        for i in range(count)
+    )
     events = tuple(
         audit_event(
+            at=T0 + 2 / 3,
             actor=f"spiffe://example.org/meshtls/node/{node_name}",
             action="certificate.issue",
             subject=r.serial,
