@@ -73,13 +73,10 @@ class Batchable(Protocol):
 
 
 @runtime_checkable
-class AtomicBatchable(Protocol):
+class AtomicBatchable(Batchable, Protocol):
     """Batchable work that can also commit a batch as one atomic statement of its own,
     without a transaction around it: what `AsyncWriter` (PostgreSQL) does when a batch
     holds nothing else, one round trip instead of a transaction's several."""
-
-    @classmethod
-    def run_batch(cls, tx: Tx, items: list[Any]) -> list[Any]: ...
 
     @classmethod
     async def commit_batch(cls, store: Store, items: list[Any]) -> list[Any]: ...
