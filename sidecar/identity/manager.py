@@ -72,7 +72,7 @@ class IdentityManager:
         self._pending_trust: TrustUpdate | None = None
         self.trust_version = 0  # last Watch snapshot version handed over
         self.retry_at = 0.0  # no CA call before this time (backoff)
-        self._retry_delay = 0.0
+        self._failed_at = 0.0  # when retry_at was last set by a failure
         self._last_failure = ""
         self._node_expired_at: float | None = None
         self._node_rejected: str | None = None
@@ -228,7 +228,7 @@ class IdentityManager:
         now = self._clock.now()
         await self._apply_pending_trust()
         await self._expire(now)
-        if self.retry_at - now > self._retry_delay:
+        if now < self._failed_at:
             self.retry_at = now  # the clock went backwards: do not wait out the jump
         if now < self.retry_at:
             return
@@ -304,7 +304,7 @@ class IdentityManager:
         if isinstance(exc, NoJoinToken):
             delay = min(delay, TOKEN_POLL_SECONDS)
         self.retry_at = now + delay
-        self._retry_delay = delay
+        self._failed_at = now
         problem = self.problem()
         level = logging.ERROR if problem else logging.WARNING
         # Waiting for a token is polled every few seconds: say it once, not every time.
