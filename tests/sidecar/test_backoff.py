@@ -1,5 +1,6 @@
 """Retries against a CA that is not there (a real, refused TCP port): exponential backoff
-with jitter, capped, counted by reason; the join token is looked for on every attempt."""
+with jitter, capped, counted by reason, and not cut short by a wake-up; the join token is
+looked for on every attempt."""
 
 from __future__ import annotations
 
@@ -15,7 +16,9 @@ import pytest
 from meshtls.clock import ManualClock
 from sidecar.config import SidecarConfig
 from sidecar.identity.ca_client import CAClient
+from sidecar.identity.ca_messages import TrustUpdate
 from sidecar.identity.manager import TOKEN_POLL_SECONDS, IdentityManager
+from sidecar.identity.model import TrustBundle
 from sidecar.identity.state import StateStore
 from tests.sidecar.helpers import config_from, sidecar_document, wait_for
 from tests.support.pki import ThrowawayCA
@@ -116,3 +119,41 @@ async def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(
         await clock.advance(delay * 0.1 + 0.001)
     assert max(delays) <= 8.0
     assert manager.health.total_failures() >= 7
+
+
+@pytest.mark.usefixtures("token")
+async def test_a_wake_at_the_moment_of_a_failure_does_not_cut_its_backoff(
+    config: SidecarConfig,
+) -> None:
+    """A trust update (the Watch stream) wakes the manager; at the very time of the last
+    failure that must not count as the clock going backwards. retry_at is now + delay
+    rounded to a float, and comparing `retry_at - now` with the delay said "backwards" for
+    about half of all delays, retrying at once. The start time and the jitter are fixed, so
+    this run is the same every time (and retried early with that comparison)."""
+    clock = ManualClock(start=1_796_218_842.703_794)
+    client = CAClient(config.ca)
+    store = StateStore(config.state_dir, config.trust_domain, config.node)
+    manager = IdentityManager(config, clock=clock, client=client, store=store, rng=random.Random(1))
+    task = asyncio.create_task(manager.run())
+    bundle = TrustBundle(config.trust_domain, (ThrowawayCA.root().cert,), 1)
+    updates = 0
+    try:
+        for attempt in range(1, 7):
+            await wait_for(partial(at_least, manager, attempt), what=f"attempt {attempt}")
+            retry_at = manager.retry_at
+            for _ in range(3):
+                updates += 1
+                revoked = frozenset({format(updates, "x")})  # tells the updates apart
+                manager.offer_trust_update(TrustUpdate(updates, bundle, revoked))
+                await wait_for(
+                    lambda revoked=revoked: manager.snapshot().revoked == revoked,  # type: ignore[misc]
+                    what="update applied",
+                )
+            assert failures(manager, "unavailable") == attempt
+            assert manager.retry_at == retry_at
+            await clock.advance(retry_at - clock.now())
+    finally:
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await client.close()
