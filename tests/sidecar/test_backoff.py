@@ -49,7 +49,9 @@ def config(tmp_path: Path) -> SidecarConfig:
 
 @pytest.fixture
 async def running(config: SidecarConfig) -> AsyncIterator[tuple[IdentityManager, ManualClock]]:
-    clock = ManualClock()
+    # A fixed start and seeded jitter: every run computes the same times, float rounding
+    # included.
+    clock = ManualClock(start=1_796_218_842.703_794)
     client = CAClient(config.ca)
     store = StateStore(config.state_dir, config.trust_domain, config.node)
     manager = IdentityManager(config, clock=clock, client=client, store=store, rng=random.Random(1))
@@ -123,37 +125,27 @@ async def test_backoff_grows_exponentially_with_jitter_up_to_the_cap(
 
 @pytest.mark.usefixtures("token")
 async def test_a_wake_at_the_moment_of_a_failure_does_not_cut_its_backoff(
-    config: SidecarConfig,
+    config: SidecarConfig, running: tuple[IdentityManager, ManualClock]
 ) -> None:
     """A trust update (the Watch stream) wakes the manager; at the very time of the last
     failure that must not count as the clock going backwards. retry_at is now + delay
     rounded to a float, and comparing `retry_at - now` with the delay said "backwards" for
     about half of all delays, retrying at once. The start time and the jitter are fixed, so
     this run is the same every time (and retried early with that comparison)."""
-    clock = ManualClock(start=1_796_218_842.703_794)
-    client = CAClient(config.ca)
-    store = StateStore(config.state_dir, config.trust_domain, config.node)
-    manager = IdentityManager(config, clock=clock, client=client, store=store, rng=random.Random(1))
-    task = asyncio.create_task(manager.run())
+    manager, clock = running
     bundle = TrustBundle(config.trust_domain, (ThrowawayCA.root().cert,), 1)
     updates = 0
-    try:
-        for attempt in range(1, 7):
-            await wait_for(partial(at_least, manager, attempt), what=f"attempt {attempt}")
-            retry_at = manager.retry_at
-            for _ in range(3):
-                updates += 1
-                revoked = frozenset({format(updates, "x")})  # tells the updates apart
-                manager.offer_trust_update(TrustUpdate(updates, bundle, revoked))
-                await wait_for(
-                    lambda revoked=revoked: manager.snapshot().revoked == revoked,  # type: ignore[misc]
-                    what="update applied",
-                )
-            assert failures(manager, "unavailable") == attempt
-            assert manager.retry_at == retry_at
-            await clock.advance(retry_at - clock.now())
-    finally:
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        await client.close()
+    for attempt in range(1, 7):
+        await wait_for(partial(at_least, manager, attempt), what=f"attempt {attempt}")
+        retry_at = manager.retry_at
+        for _ in range(3):
+            updates += 1
+            revoked = frozenset({format(updates, "x")})  # tells the updates apart
+            manager.offer_trust_update(TrustUpdate(updates, bundle, revoked))
+            await wait_for(
+                lambda revoked=revoked: manager.snapshot().revoked == revoked,  # type: ignore[misc]
+                what="update applied",
+            )
+        assert failures(manager, "unavailable") == attempt
+        assert manager.retry_at == retry_at
+        await clock.advance(retry_at - clock.now())
