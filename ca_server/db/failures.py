@@ -8,6 +8,7 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import psycopg
 from sqlalchemy import exc as sa_exc
 
 from ca_server.db.session import scrub_secrets
@@ -45,14 +46,16 @@ def _reason(error: BaseException) -> str:
     return scrub_secrets(first)
 
 
+def _is_retryable_sqlstate(error: BaseException | None) -> bool:
+    sqlstate = getattr(error, "sqlstate", None)
+    return sqlstate is not None and str(sqlstate).startswith(_PG_RETRYABLE_PREFIXES)
+
+
 def _is_unavailable(error: sa_exc.SQLAlchemyError) -> bool:
     if isinstance(error, sa_exc.TimeoutError | sa_exc.DisconnectionError):
         return True
     if isinstance(error, sa_exc.DBAPIError):
-        if error.connection_invalidated:
-            return True
-        sqlstate = getattr(error.orig, "sqlstate", None)
-        if sqlstate is not None and str(sqlstate).startswith(_PG_RETRYABLE_PREFIXES):
+        if error.connection_invalidated or _is_retryable_sqlstate(error.orig):
             return True
         # Refused/lost connections and SQLite "database is locked"/I/O errors.
         return isinstance(error, sa_exc.OperationalError | sa_exc.InterfaceError)
@@ -71,7 +74,8 @@ def unavailable(error: BaseException) -> Unavailable:
 
 @contextmanager
 def translate_errors(what: str = "object") -> Iterator[None]:
-    """Map SQLAlchemy failures raised inside the block to CA errors. `what` names the
+    """Map SQLAlchemy failures raised inside the block to CA errors, and those of psycopg
+    used directly (the issuance connection, `ca_server.db.issuance`). `what` names the
     object for an `AlreadyExists` message ("registration entry", "certificate", ...)."""
     try:
         yield
@@ -81,5 +85,13 @@ def translate_errors(what: str = "object") -> Iterator[None]:
         raise
     except sa_exc.SQLAlchemyError as error:
         if _is_unavailable(error):
+            raise unavailable(error) from error
+        raise
+    except psycopg.Error as error:
+        if error.sqlstate == _PG_UNIQUE_VIOLATION:
+            raise AlreadyExists(f"{what} already exists") from error
+        if _is_retryable_sqlstate(error) or isinstance(
+            error, psycopg.OperationalError | psycopg.InterfaceError
+        ):
             raise unavailable(error) from error
         raise

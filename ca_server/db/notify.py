@@ -17,7 +17,7 @@ from typing import Any
 from sqlalchemy import text
 from sqlalchemy.engine import URL
 
-from ca_server.db.session import normalize_url
+from ca_server.db.session import normalize_url, psycopg_connect_kwargs
 from ca_server.db.tx import Tx
 
 TRUST_CHANNEL = "meshtls_trust"
@@ -52,21 +52,6 @@ def supports_notify(url: str | URL) -> bool:
 
 def listen_connect_kwargs(url: str | URL, *, connect_timeout: float = 5.0) -> dict[str, Any]:
     """psycopg.connect() keyword arguments for `url` (password included: never log them)."""
-    parsed = normalize_url(url)
-    kwargs: dict[str, Any] = {
-        "host": parsed.host,
-        "port": parsed.port,
-        "dbname": parsed.database,
-        "user": parsed.username,
-        "password": parsed.password,
-    }
-    kwargs.update({str(k): v for k, v in parsed.query.items()})
-    kwargs = {k: v for k, v in kwargs.items() if v is not None}
-    kwargs["connect_timeout"] = max(1, round(connect_timeout))
-    kwargs["application_name"] = "meshtls-ca-listen"
-    # A dead peer must not leave the listener waiting forever on a silent socket.
-    kwargs.setdefault("keepalives", 1)
-    kwargs.setdefault("keepalives_idle", 10)
-    kwargs.setdefault("keepalives_interval", 5)
-    kwargs.setdefault("keepalives_count", 3)
-    return kwargs
+    return psycopg_connect_kwargs(
+        url, connect_timeout=connect_timeout, application_name="meshtls-ca-listen"
+    )

@@ -136,17 +136,49 @@ def make_engine(
     return engine
 
 
+# Seconds after which a pooled PostgreSQL connection is replaced (idle connections are
+# dropped silently by some firewalls and proxies).
+POSTGRES_RECYCLE_SECONDS = 1800
+
+
+def postgres_connect_args(connect_timeout: float) -> dict[str, Any]:
+    """What every PostgreSQL connection of the CA is opened with, besides its URL."""
+    return {"connect_timeout": max(1, round(connect_timeout)), "application_name": "meshtls-ca"}
+
+
+def psycopg_connect_kwargs(
+    url: str | URL, *, connect_timeout: float = 5.0, application_name: str = "meshtls-ca"
+) -> dict[str, Any]:
+    """`psycopg.connect()` keyword arguments for a PostgreSQL `url`, for the connections
+    the CA opens without an engine: the URL's parts and options, the CA's connection
+    options, and TCP keepalives so a dead peer cannot leave a connection waiting forever
+    on a silent socket. The password is included: never log them."""
+    parsed = normalize_url(url)
+    kwargs: dict[str, Any] = {
+        "host": parsed.host,
+        "port": parsed.port,
+        "dbname": parsed.database,
+        "user": parsed.username,
+        "password": parsed.password,
+    }
+    kwargs.update({str(k): v for k, v in parsed.query.items()})
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    kwargs.update(postgres_connect_args(connect_timeout), application_name=application_name)
+    kwargs.setdefault("keepalives", 1)
+    kwargs.setdefault("keepalives_idle", 10)
+    kwargs.setdefault("keepalives_interval", 5)
+    kwargs.setdefault("keepalives_count", 3)
+    return kwargs
+
+
 def _postgres_options(pool_size: int, connect_timeout: float) -> dict[str, Any]:
     return {
         "pool_size": pool_size,
         "max_overflow": pool_size,
         "pool_timeout": connect_timeout * 2,
         "pool_pre_ping": True,
-        "pool_recycle": 1800,
-        "connect_args": {
-            "connect_timeout": max(1, round(connect_timeout)),
-            "application_name": "meshtls-ca",
-        },
+        "pool_recycle": POSTGRES_RECYCLE_SECONDS,
+        "connect_args": postgres_connect_args(connect_timeout),
     }
 
 

@@ -11,7 +11,8 @@ thread (``await asyncio.to_thread(...)``), or inline where that is cheaper than 
 (short SQLite work: a WAL read takes no lock, and `transaction(wait=False)` never waits for
 the write lock). On PostgreSQL, `await run(fn, write=...)` runs a transaction on the event
 loop through the asyncio driver, and `await record_issuances(...)` records a batch of
-issuances in one statement. A `Store` is thread-safe; a `Tx` is not.
+issuances in one statement (always from the same event loop: its connection belongs to
+it). A `Store` is otherwise thread-safe; a `Tx` is not.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ca_server.db.failures import translate_errors
-from ca_server.db.issuance import RECORD_ISSUANCES, Issuance, record_issuances_params
+from ca_server.db.issuance import Issuance, IssuanceConnection
 from ca_server.db.session import (
     TX_KIND_OPTION,
     TX_READ,
@@ -49,6 +50,7 @@ class Store:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._async_engine: AsyncEngine | None = None  # PostgreSQL, made on first `run`
+        self._issuances: IssuanceConnection | None = None  # PostgreSQL, on first use
 
     @classmethod
     def open(cls, url: str) -> Store:
@@ -141,16 +143,13 @@ class Store:
     async def record_issuances(self, issuances: Sequence[Issuance]) -> set[str]:
         """PostgreSQL: record issuing requests (their certificates and audit events) in one
         atomic statement on the event loop, except those of banned nodes, whose names are
-        returned (`ca_server.db.issuance`). AlreadyExists (nothing written) if a serial is
-        already recorded."""
+        returned; on a connection kept for this alone (`ca_server.db.issuance`).
+        AlreadyExists (nothing written) if a serial is already recorded."""
         if self.dialect != "postgresql":
             raise RuntimeError("record_issuances is PostgreSQL's; SQLite uses a transaction")
-        params = record_issuances_params(issuances)
-        with translate_errors("certificate"):
-            async with self._async().connect() as connection:
-                connection = await connection.execution_options(isolation_level="AUTOCOMMIT")
-                result = await connection.execute(RECORD_ISSUANCES, params)
-                return {row[0] for row in result}
+        if self._issuances is None:
+            self._issuances = IssuanceConnection(self._engine.url)
+        return await self._issuances.record(issuances)
 
     def _async(self) -> AsyncEngine:
         if self._async_engine is None:
@@ -159,7 +158,10 @@ class Store:
 
     async def aclose(self) -> None:
         """Close every pooled connection, the asyncio ones too (call from the loop that
-        used `run`). The store must not be used afterwards."""
+        used `run` or `record_issuances`). The store must not be used afterwards."""
+        if self._issuances is not None:
+            await self._issuances.aclose()
+            self._issuances = None
         if self._async_engine is not None:
             await self._async_engine.dispose()
             self._async_engine = None

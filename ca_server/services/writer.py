@@ -22,9 +22,9 @@ writer) and costs PostgreSQL little at this size. Two kinds (`open_writer` picks
 - `AsyncWriter` (PostgreSQL) commits on the event loop too, through psycopg's asyncio
   connections (`Store.run`): while a commit is on the network the loop serves other
   requests, and the units they submit form the next batch. A batch of issuances alone
-  (the usual one) is a single atomic statement (`AtomicBatchable`,
-  `Store.record_issuances`): each of a transaction's round trips waits, under load, for
-  the loop to finish the call it is signing, and there were six.
+  (the usual one) is a single atomic statement on a connection kept for it
+  (`AtomicBatchable`, `Store.record_issuances`): each of a transaction's round trips
+  waits, under load, for the loop to finish the call it is signing, and there were six.
 """
 
 from __future__ import annotations

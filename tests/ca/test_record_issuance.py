@@ -2,21 +2,28 @@
 ban check and both inserts in a transaction, PostgreSQL as one atomic statement
 (`Store.record_issuances`). Either way a banned node's request is refused and writes
 nothing, a duplicate serial takes only its own request down, and every row that is
-written reads back as it went in."""
+written reads back as it went in. On PostgreSQL the statement has a connection of its
+own: it is replaced, before anything is sent, when the server ended its session; a
+server that cannot be reached is `Unavailable`; a statement abandoned half-way (a
+cancelled task) writes nothing and leaves the next one a working connection."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import LiteralString
 
 import pytest
 
+from ca_server.db import make_engine
 from ca_server.db.store import Store
 from ca_server.domain import AuditEvent, CertificateRecord
-from ca_server.errors import AlreadyExists, PermissionDenied
+from ca_server.errors import AlreadyExists, PermissionDenied, Unavailable
 from ca_server.services.issuing import RecordIssuance
 from ca_server.services.writer import Writer, open_writer
+from tests.ca.helpers import wait_for
 from tests.db.builders import T0, audit_event, certificate, node
+from tests.support.postgres import PostgresServer, free_port
 
 
 @pytest.fixture
@@ -132,3 +139,113 @@ async def test_postgres_records_a_batch_of_issuances_in_one_statement(
 
     assert sum(statements) == 5  # every request went through the one-statement path
     assert all(_stored(store, r.records) == list(r.records) for r in requests)
+
+
+def _postgres_only(store: Store) -> None:
+    if store.dialect != "postgresql":
+        pytest.skip("SQLite records issuances in its write transaction")
+
+
+def _admin_execute(
+    server: PostgresServer, query: LiteralString, *params: object
+) -> list[tuple[object, ...]]:
+    with server.connect() as admin:
+        return admin.execute(query, params).fetchall()
+
+
+def _issuance_backends(server: PostgresServer, database_url: str) -> list[int]:
+    """The server processes of the store's connections to the test's database (the
+    issuance connection's among them, once it was used)."""
+    database = database_url.rsplit("/", 1)[1]
+    rows = _admin_execute(
+        server,
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
+        database,
+        "meshtls-ca",
+    )
+    return [int(str(pid)) for (pid,) in rows]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_the_issuance_connection_is_replaced_when_the_server_ended_its_session(
+    store: Store, writer: Writer, database_url: str, postgres_server: PostgresServer
+) -> None:
+    first = _issuance("web-1", 1)
+    await writer.submit(first)
+    backends = _issuance_backends(postgres_server, database_url)
+    assert backends  # the issuance connection (and any pooled one) is open
+    _admin_execute(
+        postgres_server, "SELECT pg_terminate_backend(pid) FROM unnest(%s::int[]) pid", backends
+    )
+
+    async def gone() -> bool:
+        return not _issuance_backends(postgres_server, database_url)
+
+    await wait_for(gone, what="the terminated sessions to end")
+
+    second = _issuance("web-1", 2)
+    await writer.submit(second)  # no error: the dead session was noticed before sending
+
+    assert _stored(store, first.records) == list(first.records)
+    assert _stored(store, second.records) == list(second.records)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_an_unreachable_server_is_unavailable_without_its_password(
+    store: Store, database_url: str
+) -> None:
+    nowhere = Store(make_engine(f"postgresql://meshtls:s3cret-pw@127.0.0.1:{free_port()}/ca"))
+    try:
+        with pytest.raises(Unavailable) as failure:
+            await nowhere.record_issuances([("web-1", *_parts(_issuance("web-1", 1)))])
+    finally:
+        await nowhere.aclose()
+    assert failure.value.message.startswith("database unavailable: ")
+    assert "s3cret-pw" not in failure.value.message
+    assert failure.value.retry_after is not None
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_a_statement_abandoned_half_way_writes_nothing(
+    store: Store, writer: Writer, database_url: str, postgres_server: PostgresServer
+) -> None:
+    await writer.submit(_issuance("web-1", 1))  # the issuance connection is open
+    abandoned = _issuance("web-1", 2)
+    database = database_url.rsplit("/", 1)[1]
+    with postgres_server.connect(database, autocommit=False) as holder:
+        holder.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+        task = asyncio.create_task(store.record_issuances([("web-1", *_parts(abandoned))]))
+
+        async def waiting() -> bool:
+            return _waiting_on_a_lock(postgres_server)
+
+        await wait_for(waiting, what="the statement to wait for the table lock")
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        holder.rollback()  # the lock is released: an abandoned statement would go on now
+    after = _issuance("web-1", 1)
+    await writer.submit(after)
+
+    assert _stored(store, abandoned.records) == []
+    assert [_events(store, r.serial) for r in abandoned.records] == [[], []]
+    assert _stored(store, after.records) == list(after.records)
+
+
+def _parts(
+    request: RecordIssuance,
+) -> tuple[tuple[CertificateRecord, ...], tuple[AuditEvent, ...]]:
+    return request.records, request.events
+
+
+def _waiting_on_a_lock(server: PostgresServer) -> bool:
+    rows = _admin_execute(
+        server,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+        "AND wait_event_type = 'Lock'",
+        "meshtls-ca",
+    )
+    return bool(rows[0][0])

@@ -103,20 +103,23 @@ class PostgresServer:
     def url_for(self, database: str) -> str:
         return f"postgresql+psycopg://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
-    def _admin_connect(self) -> psycopg.Connection[tuple[object, ...]]:
+    def connect(
+        self, database: str = "postgres", *, autocommit: bool = True
+    ) -> psycopg.Connection[tuple[object, ...]]:
+        """A plain psycopg connection as the superuser (a test's second session)."""
         return psycopg.connect(
             host="127.0.0.1",
             port=self.port,
             user=SUPERUSER,
-            dbname="postgres",
-            autocommit=True,
+            dbname=database,
+            autocommit=autocommit,
             connect_timeout=5,
         )
 
     def create_database(self) -> str:
         """Create a new, empty database and return its SQLAlchemy URL."""
         name = f"t_{uuid.uuid4().hex[:16]}"
-        with self._admin_connect() as conn:
+        with self.connect() as conn:
             conn.execute(f'CREATE DATABASE "{name}"'.encode())
         self.databases.append(name)
         return self.url_for(name)
@@ -126,7 +129,7 @@ class PostgresServer:
         name = url.rsplit("/", 1)[1]
         if name not in self.databases:
             raise ValueError(f"{name!r} was not created by this server")
-        with self._admin_connect() as conn:
+        with self.connect() as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'.encode())
         self.databases.remove(name)
 
@@ -197,7 +200,7 @@ class PostgresServer:
                     + self.log_text()
                 )
             try:
-                with self._admin_connect() as conn:
+                with self.connect() as conn:
                     conn.execute(b"SELECT 1")
                 return
             except psycopg.OperationalError as error:
@@ -216,7 +219,7 @@ class PostgresServer:
         load it creates and zero-fills a new 16 MB segment every few seconds, and every
         commit waits behind that (tens of ms): a one-time cost of a new cluster that a
         benchmark would otherwise report as the CA's latency."""
-        with self._admin_connect() as conn:
+        with self.connect() as conn:
             # A logged table (a TEMP one writes no WAL), left by no failed run before.
             conn.execute(b"DROP TABLE IF EXISTS meshtls_wal_filler")
             conn.execute(b"CREATE TABLE meshtls_wal_filler (x int)")
