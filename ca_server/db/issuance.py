@@ -15,7 +15,7 @@ names.
 for this statement alone, without SQLAlchemy's pool and its asyncio adapter around it.
 That makes a batch one round trip (no pre-ping, no checkout), lets psycopg prepare the
 statement on the server, and costs the event loop a fraction of the CPU. Instead of the
-pool's pre-ping it looks at its idle socket before each use: a server that restarted or
+pool's pre-ping it polls its idle socket before each use: a server that restarted or
 ended the session has said so (and closed) there, and the connection is replaced before
 anything is sent.
 
@@ -170,8 +170,11 @@ def _spoke_while_idle(connection: psycopg.AsyncConnection[Any]) -> bool:
     it sends then is, but for the odd notice, the end of the session (a restart,
     `pg_terminate_backend`, an idle timeout) before it closes the socket; either way a
     new connection is the safe answer. Looking costs no round trip."""
+    # poll, not select: a CA serving thousands of sidecars has descriptors past select's
+    # FD_SETSIZE (1024).
+    poller = select.poll()
     try:
-        readable, _, _ = select.select([connection.fileno()], [], [], 0)
+        poller.register(connection.fileno(), select.POLLIN)
+        return bool(poller.poll(0))
     except (OSError, ValueError, psycopg.Error):
         return True
-    return bool(readable)

@@ -10,6 +10,8 @@ cancelled task) writes nothing and leaves the next one a working connection."""
 from __future__ import annotations
 
 import asyncio
+import os
+import resource
 from collections.abc import AsyncIterator
 from typing import LiteralString
 
@@ -233,6 +235,44 @@ async def test_a_statement_abandoned_half_way_writes_nothing(
     assert _stored(store, abandoned.records) == []
     assert [_events(store, r.serial) for r in abandoned.records] == [[], []]
     assert _stored(store, after.records) == list(after.records)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+async def test_the_issuance_connection_is_kept_past_selects_descriptor_limit(
+    store: Store, writer: Writer, database_url: str, postgres_server: PostgresServer
+) -> None:
+    # A CA serving thousands of sidecars holds descriptors past FD_SETSIZE (1024), where
+    # select() cannot look: the idle check must not take that for a dead connection.
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < 1200 <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (1200, hard))
+    elif soft < 1200:
+        pytest.skip(f"the descriptor limit ({hard}) is below 1200")
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        await writer.submit(_issuance("web-1", 1))
+        first = _statement_backends(postgres_server, database_url)
+        for _ in range(3):
+            await writer.submit(_issuance("web-1", 1))
+        assert _statement_backends(postgres_server, database_url) == first
+        assert len(first) == 1
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def _statement_backends(server: PostgresServer, database_url: str) -> list[int]:
+    """The server processes on the test's database whose last statement was the issuance
+    statement."""
+    rows = _admin_execute(
+        server,
+        "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query LIKE %s",
+        database_url.rsplit("/", 1)[1],
+        "%json_to_recordset%",
+    )
+    return sorted(int(str(pid)) for (pid,) in rows)
 
 
 def _parts(
