@@ -16,7 +16,9 @@ line per certificate, written to ca.log in the run's directory); the load genera
 this process (grpc.aio), on the same 2 cores. A reply counts only after the CA committed
 its rows (group commit: one transaction for every request waiting at that moment). The
 per-node rate limit is raised for the run (one client per node sends far above the
-production default).
+production default). "busy cores" is the whole machine's CPU time per second of each run
+(the CA, the database, the load generator, the kernel and anything else): near the
+number of cores, the box is saturated and the latency is queueing for a core.
 """
 
 from __future__ import annotations
@@ -112,6 +114,14 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
+def machine_busy_seconds() -> float:
+    """CPU time the whole machine has spent busy so far, over all cores (/proc/stat:
+    user, nice, system, irq, softirq and steal; not idle or iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
 @dataclass(frozen=True)
 class LoadSpec:
     csrs_per_call: int
@@ -142,6 +152,7 @@ class Result:
     latencies: list[float]
     errors: int
     server_cpu: float = 0.0
+    machine_busy: float = 0.0  # CPU seconds of the whole machine (every process) in the run
 
     @property
     def cpu_ms_per_cert(self) -> float:
@@ -150,6 +161,10 @@ class Result:
     @property
     def rate(self) -> float:
         return self.issued / self.seconds
+
+    @property
+    def busy_cores(self) -> float:
+        return self.machine_busy / self.seconds
 
     def pct(self, q: float) -> float:
         ordered = sorted(self.latencies)
@@ -334,8 +349,10 @@ async def bench_database(name: str, url: str | None, args: argparse.Namespace) -
                 runs = []
                 for _ in range(args.runs):
                     cpu_before = cpu_seconds(ca.proc.pid)
+                    busy_before = machine_busy_seconds()
                     result = await load(clients, spec.csrs_per_call, args.seconds, spec.rate)
                     result.server_cpu = cpu_seconds(ca.proc.pid) - cpu_before
+                    result.machine_busy = machine_busy_seconds() - busy_before
                     runs.append(result)
                 rows.append(
                     [
@@ -349,6 +366,7 @@ async def bench_database(name: str, url: str | None, args: argparse.Namespace) -
                         f"{statistics.median(r.pct(0.99) for r in runs):.1f}",
                         "/".join(f"{r.pct(0.99):.0f}" for r in runs),
                         f"{statistics.median(r.cpu_ms_per_cert for r in runs):.2f}",
+                        "/".join(f"{r.busy_cores:.1f}" for r in runs),
                         str(sum(r.errors for r in runs)),
                     ]
                 )
@@ -394,6 +412,7 @@ def main() -> int:
         "p99 ms",
         "p99 by run",
         "CA CPU ms/cert",
+        f"busy cores of {os.cpu_count()} by run",
         "errors",
     ]
     print("  ".join(header), flush=True)
