@@ -3,15 +3,18 @@ ban check and both inserts in a transaction, PostgreSQL as one atomic statement
 (`Store.record_issuances`). Either way a banned node's request is refused and writes
 nothing, a duplicate serial takes only its own request down, and every row that is
 written reads back as it went in. On PostgreSQL the statement has a connection of its
-own: it is replaced, before anything is sent, when the server ended its session; a
-server that cannot be reached is `Unavailable`; a statement abandoned half-way (a
-cancelled task) writes nothing and leaves the next one a working connection."""
+own: it is replaced, before anything is sent, when the server ended its session; one
+lost while a statement is in flight fails that batch as `Unavailable` and the next batch
+gets a new connection; a server that cannot be reached is `Unavailable`; a statement
+abandoned half-way (a cancelled task) writes nothing and leaves the next one a working
+connection."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import resource
+import socket
 from collections.abc import AsyncIterator
 from typing import LiteralString
 
@@ -141,6 +144,49 @@ async def test_postgres_records_a_batch_of_issuances_in_one_statement(
 
     assert sum(statements) == 5  # every request went through the one-statement path
     assert all(_stored(store, r.records) == list(r.records) for r in requests)
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
+@pytest.mark.parametrize("how", ["server ends the session", "network cut"])
+async def test_a_connection_lost_mid_statement_fails_its_batch_and_the_next_one_goes_through(
+    store: Store, writer: Writer, database_url: str, postgres_server: PostgresServer, how: str
+) -> None:
+    await writer.submit(_issuance("web-1", 1))  # the issuance connection is open and ready
+    lost = _issuance("web-1", 2)
+    database = database_url.rsplit("/", 1)[1]
+    with postgres_server.connect(database, autocommit=False) as holder:
+        holder.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+        submitted: asyncio.Task[object] = asyncio.create_task(writer.submit(lost))
+
+        async def waiting() -> bool:
+            return _waiting_on_a_lock(postgres_server)
+
+        await wait_for(waiting, what="the statement to wait for the table lock")
+        if how == "network cut":
+            # No goodbye from the server: the socket just ends (the store's connection,
+            # reached through its private attribute: there is no other handle on it).
+            issuances = store._issuances
+            assert issuances is not None
+            assert issuances._connection is not None
+            with socket.socket(fileno=os.dup(issuances._connection.fileno())) as cut:
+                cut.shutdown(socket.SHUT_RDWR)
+        else:
+            _admin_execute(
+                postgres_server,
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = %s AND wait_event_type = 'Lock'",
+                "meshtls-ca",
+            )
+        with pytest.raises(Unavailable, match="database unavailable"):
+            await asyncio.wait_for(submitted, 20)
+        holder.rollback()
+    after = _issuance("web-1", 1)
+    await writer.submit(after)
+
+    assert _stored(store, after.records) == list(after.records)
+    if how == "server ends the session":
+        assert _stored(store, lost.records) == []
 
 
 def _postgres_only(store: Store) -> None:
