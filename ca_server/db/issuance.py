@@ -146,19 +146,32 @@ class IssuanceConnection:
 
     async def _usable(self) -> psycopg.AsyncConnection[Any]:
         connection = self._connection
-        if connection is not None and (
-            connection.closed
-            or connection.broken
-            or not _idle(connection)  # left mid-statement: never reuse it
-            or _spoke_while_idle(connection)
-            or time.monotonic() - self._opened_at > POSTGRES_RECYCLE_SECONDS
-        ):
-            await self.aclose()
-            connection = None
+        if connection is not None:
+            reason = self._unusable(connection)
+            if reason:
+                log.log(
+                    logging.INFO if reason == "recycled" else logging.WARNING,
+                    "replacing the issuance database connection",
+                    extra={"reason": reason},
+                )
+                await self.aclose()
+                connection = None
         if connection is None:
             connection = await psycopg.AsyncConnection.connect(autocommit=True, **self._params)
             self._connection, self._opened_at = connection, time.monotonic()
         return connection
+
+    def _unusable(self, connection: psycopg.AsyncConnection[Any]) -> str:
+        """Why `connection` must be replaced before use, or "" if it can be used."""
+        if connection.closed or connection.broken:
+            return "lost"
+        if not _idle(connection):
+            return "left mid-statement"  # never reuse it
+        if _spoke_while_idle(connection):
+            return "the server ended the session"
+        if time.monotonic() - self._opened_at > POSTGRES_RECYCLE_SECONDS:
+            return "recycled"
+        return ""
 
 
 def _idle(connection: psycopg.AsyncConnection[Any]) -> bool:

@@ -12,6 +12,7 @@ connection."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import resource
 import socket
@@ -217,7 +218,11 @@ def _issuance_backends(server: PostgresServer, database_url: str) -> list[int]:
 @pytest.mark.postgres
 @pytest.mark.parametrize("database_url", ["postgres"], indirect=True)
 async def test_the_issuance_connection_is_replaced_when_the_server_ended_its_session(
-    store: Store, writer: Writer, database_url: str, postgres_server: PostgresServer
+    store: Store,
+    writer: Writer,
+    database_url: str,
+    postgres_server: PostgresServer,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     first = _issuance("web-1", 1)
     await writer.submit(first)
@@ -233,7 +238,12 @@ async def test_the_issuance_connection_is_replaced_when_the_server_ended_its_ses
     await wait_for(gone, what="the terminated sessions to end")
 
     second = _issuance("web-1", 2)
-    await writer.submit(second)  # no error: the dead session was noticed before sending
+    with caplog.at_level(logging.WARNING, logger="ca_server.db.issuance"):
+        await writer.submit(second)  # no error: the dead session was noticed before sending
+
+    (replaced,) = [r for r in caplog.records if r.name == "ca_server.db.issuance"]
+    assert replaced.getMessage() == "replacing the issuance database connection"
+    assert replaced.__dict__["reason"] == "the server ended the session"
 
     assert _stored(store, first.records) == list(first.records)
     assert _stored(store, second.records) == list(second.records)
