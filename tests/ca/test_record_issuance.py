@@ -16,7 +16,8 @@ import logging
 import os
 import resource
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
+from contextlib import contextmanager
 from typing import LiteralString
 
 import pytest
@@ -155,15 +156,9 @@ async def test_a_connection_lost_mid_statement_fails_its_batch_and_the_next_one_
 ) -> None:
     await writer.submit(_issuance("web-1", 1))  # the issuance connection is open and ready
     lost = _issuance("web-1", 2)
-    database = database_url.rsplit("/", 1)[1]
-    with postgres_server.connect(database, autocommit=False) as holder:
-        holder.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+    with _certificates_locked(postgres_server, database_url):
         submitted: asyncio.Task[object] = asyncio.create_task(writer.submit(lost))
-
-        async def waiting() -> bool:
-            return _waiting_on_a_lock(postgres_server)
-
-        await wait_for(waiting, what="the statement to wait for the table lock")
+        await _until_blocked_on_the_lock(postgres_server)
         if how == "network cut":
             # No goodbye from the server: the socket just ends (the store's connection,
             # reached through its private attribute: there is no other handle on it).
@@ -181,18 +176,12 @@ async def test_a_connection_lost_mid_statement_fails_its_batch_and_the_next_one_
             )
         with pytest.raises(Unavailable, match="database unavailable"):
             await asyncio.wait_for(submitted, 20)
-        holder.rollback()
     after = _issuance("web-1", 1)
     await writer.submit(after)
 
     assert _stored(store, after.records) == list(after.records)
     if how == "server ends the session":
         assert _stored(store, lost.records) == []
-
-
-def _postgres_only(store: Store) -> None:
-    if store.dialect != "postgresql":
-        pytest.skip("SQLite records issuances in its write transaction")
 
 
 def _admin_execute(
@@ -205,11 +194,10 @@ def _admin_execute(
 def _issuance_backends(server: PostgresServer, database_url: str) -> list[int]:
     """The server processes of the store's connections to the test's database (the
     issuance connection's among them, once it was used)."""
-    database = database_url.rsplit("/", 1)[1]
     rows = _admin_execute(
         server,
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND application_name = %s",
-        database,
+        _database(database_url),
         "meshtls-ca",
     )
     return [int(str(pid)) for (pid,) in rows]
@@ -272,19 +260,13 @@ async def test_a_statement_abandoned_half_way_writes_nothing(
 ) -> None:
     await writer.submit(_issuance("web-1", 1))  # the issuance connection is open
     abandoned = _issuance("web-1", 2)
-    database = database_url.rsplit("/", 1)[1]
-    with postgres_server.connect(database, autocommit=False) as holder:
-        holder.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+    with _certificates_locked(postgres_server, database_url):
         task = asyncio.create_task(store.record_issuances([("web-1", *_parts(abandoned))]))
-
-        async def waiting() -> bool:
-            return _waiting_on_a_lock(postgres_server)
-
-        await wait_for(waiting, what="the statement to wait for the table lock")
+        await _until_blocked_on_the_lock(postgres_server)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-        holder.rollback()  # the lock is released: an abandoned statement would go on now
+    # The lock is released: an abandoned statement would go on now.
     after = _issuance("web-1", 1)
     await writer.submit(after)
 
@@ -325,7 +307,7 @@ def _statement_backends(server: PostgresServer, database_url: str) -> list[int]:
     rows = _admin_execute(
         server,
         "SELECT pid FROM pg_stat_activity WHERE datname = %s AND query LIKE %s",
-        database_url.rsplit("/", 1)[1],
+        _database(database_url),
         "%json_to_recordset%",
     )
     return sorted(int(str(pid)) for (pid,) in rows)
@@ -337,11 +319,28 @@ def _parts(
     return request.records, request.events
 
 
-def _waiting_on_a_lock(server: PostgresServer) -> bool:
-    rows = _admin_execute(
-        server,
-        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
-        "AND wait_event_type = 'Lock'",
-        "meshtls-ca",
-    )
-    return bool(rows[0][0])
+def _database(database_url: str) -> str:
+    return database_url.rsplit("/", 1)[1]
+
+
+@contextmanager
+def _certificates_locked(server: PostgresServer, database_url: str) -> Iterator[None]:
+    """The certificates table locked by another session for the block: a statement that
+    writes to it waits until the block ends."""
+    with server.connect(_database(database_url), autocommit=False) as holder:
+        holder.execute("LOCK TABLE certificates IN ACCESS EXCLUSIVE MODE")
+        yield
+        holder.rollback()
+
+
+async def _until_blocked_on_the_lock(server: PostgresServer) -> None:
+    async def blocked() -> bool:
+        rows = _admin_execute(
+            server,
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
+            "AND wait_event_type = 'Lock'",
+            "meshtls-ca",
+        )
+        return bool(rows[0][0])
+
+    await wait_for(blocked, what="the statement to wait for the table lock")
