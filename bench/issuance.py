@@ -54,6 +54,7 @@ from cryptography.x509.oid import NameOID
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.svid import svid_builder
+from ca_server.db.session import psycopg_connect_kwargs
 from meshtls.identity.pem import certs_from_der, certs_to_pem
 from meshtls.v1 import admin_pb2, admin_pb2_grpc, agent_pb2, agent_pb2_grpc, types_pb2
 
@@ -355,8 +356,8 @@ def settle(database_url: str | None, data_dir: Path) -> float:
     it still pays for it. Returns the seconds it took."""
     began = time.perf_counter()
     if database_url:
-        conninfo = database_url.replace("postgresql+psycopg://", "postgresql://", 1)
-        with psycopg.connect(conninfo, autocommit=True) as conn:
+        connect = psycopg_connect_kwargs(database_url, application_name="meshtls-bench")
+        with psycopg.connect(**connect, autocommit=True) as conn:
             conn.execute(b"VACUUM (ANALYZE)")
             conn.execute(b"CHECKPOINT")
     else:
